@@ -1,0 +1,1 @@
+"""Training data: llama.cpp-style text windows, instruction datasets, templates, packing."""

@@ -1,0 +1,1 @@
+"""Pure converters at the format boundaries: GGUF, HF safetensors, PEFT."""

@@ -1,0 +1,144 @@
+"""Read llama-family models from GGUF files: metadata, and tensors memory-mapped in HF layout.
+
+Tensors stay as the file's bytes (quantized blocks or floats); q/k rows of llama-arch files
+are un-permuted to HF order (rows are whole quant blocks, so no requantization is needed).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from loraforge.config import ModelConfig
+from loraforge.errors import LoraforgeError, file_error
+from loraforge.formats.gguf_meta import metadata_dict
+from loraforge.formats.names import (gguf_to_hf_name, is_aux_gguf_tensor, needs_qk_permutation,
+                                     permute_qk_gguf_to_hf, qk_heads)
+
+GGUF_MAGIC = b"GGUF"
+
+
+@dataclass
+class RawTensor:
+    """One tensor as stored: `data` is float32/float16 (rows, cols) or uint8 blocks (rows, bytes_per_row)."""
+
+    qtype: int  # gguf.GGMLQuantizationType value
+    shape: tuple[int, ...]  # torch order, e.g. (out_features, in_features)
+    data: np.ndarray
+
+    @property
+    def is_quantized(self) -> bool:
+        import gguf
+
+        return self.qtype not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+
+
+@dataclass
+class GGUFModel:
+    config: ModelConfig
+    metadata: dict[str, Any]
+    tensors: dict[str, RawTensor]  # HF names
+    path: str
+
+
+def open_reader(path: str | os.PathLike):
+    """A gguf.GGUFReader, or a one-line error naming the file and what is wrong with it."""
+    import gguf
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise file_error(path, "no such file")
+    if os.path.isdir(path):
+        raise file_error(path, "is a folder, expected a GGUF file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        if magic == b"algg"[::-1] or magic == b"ggla":
+            raise file_error(path, "is an old llama.cpp 'ggla' LoRA file, not a GGUF model "
+                                   "(convert it with `loraforge export`)")
+        raise file_error(path, f"not a GGUF file (starts with {magic!r}, expected b'GGUF')")
+    try:
+        return gguf.GGUFReader(path, "r")
+    except ValueError as e:
+        msg = str(e)
+        if "GGMLQuantizationType" in msg or "is not a valid" in msg:
+            raise file_error(path, f"unknown tensor type ({msg})") from None
+        raise file_error(path, f"damaged or truncated GGUF file ({msg})") from None
+    except (IndexError, OSError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise file_error(path, f"damaged or truncated GGUF file ({type(e).__name__}: {e})") from None
+
+
+def read_model(path: str | os.PathLike) -> GGUFModel:
+    """Config, metadata and HF-named raw tensors (memory-mapped) of a GGUF model file."""
+    import gguf
+
+    from loraforge.quant.ggml import SUPPORTED_TYPES
+
+    path = os.fspath(path)
+    reader = open_reader(path)
+    meta = metadata_dict(reader)
+    if meta.get("general.type") == "adapter":
+        raise file_error(path, "is a LoRA adapter, not a base model (pass it with --lora)")
+    names = {t.name for t in reader.tensors}
+    tok_embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    n_vocab = int(tok_embd.shape[1]) if tok_embd is not None else None
+    cfg = ModelConfig.from_gguf_metadata(meta, path, n_vocab=n_vocab, has_output="output.weight" in names)
+    permute = needs_qk_permutation(meta["general.architecture"])
+    file_size = os.path.getsize(path)
+    tensors: dict[str, RawTensor] = {}
+    for t in reader.tensors:
+        qtype = int(t.tensor_type)
+        if qtype not in SUPPORTED_TYPES:
+            raise file_error(path, f"tensor {t.name} has type {gguf.GGMLQuantizationType(qtype).name}, "
+                                   f"which is not supported")
+        if t.data_offset + t.n_bytes > file_size:
+            raise file_error(path, f"truncated: tensor {t.name} runs past the end of the file")
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        if t.name == "rope_freqs.weight":
+            cfg.extra["rope_freqs"] = np.array(t.data, dtype=np.float32).reshape(-1)
+            continue
+        if is_aux_gguf_tensor(t.name):
+            continue
+        try:
+            hf_name = gguf_to_hf_name(t.name)
+        except LoraforgeError:
+            raise file_error(path, f"unknown tensor {t.name!r} for architecture "
+                                   f"{meta['general.architecture']!r}") from None
+        data = t.data
+        if data.ndim == 1 and len(shape) == 2:
+            data = data.reshape(shape[0], -1)
+        heads = qk_heads(hf_name, cfg.num_attention_heads, cfg.num_key_value_heads)
+        if permute and heads is not None:
+            data = permute_qk_gguf_to_hf(data, heads)
+        tensors[hf_name] = RawTensor(qtype, shape, data)
+    _check_complete(cfg, tensors, path)
+    return GGUFModel(cfg, meta, tensors, path)
+
+
+def _check_complete(cfg: ModelConfig, tensors: dict[str, RawTensor], path: str) -> None:
+    expected = ["model.embed_tokens.weight", "model.norm.weight"]
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        expected += [p + n + ".weight" for n in (
+            "input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
+            "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    missing = [n for n in expected if n not in tensors]
+    if missing:
+        raise file_error(path, f"missing {len(missing)} tensor(s), e.g. {missing[0]}")
+    emb = tensors["model.embed_tokens.weight"].shape
+    if emb != (cfg.vocab_size, cfg.hidden_size):
+        raise file_error(path, f"token_embd has shape {emb}, expected {(cfg.vocab_size, cfg.hidden_size)}")
+
+
+def tensor_type_counts(reader) -> dict[str, int]:
+    """{'Q4_1': 210, 'F32': 61, ...} for `inspect`."""
+    import gguf
+
+    counts: dict[str, int] = {}
+    for t in reader.tensors:
+        name = gguf.GGMLQuantizationType(int(t.tensor_type)).name
+        counts[name] = counts.get(name, 0) + 1
+    return counts

@@ -1,0 +1,108 @@
+"""Hugging Face model folders: config.json + single or sharded safetensors (with an index)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterator
+
+import torch
+
+from loraforge.config import ModelConfig
+from loraforge.errors import file_error
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+def is_hf_folder(path: str | os.PathLike) -> bool:
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))
+
+
+def safetensors_files(folder: str | os.PathLike) -> list[str]:
+    """The weight files of a folder, from the index when sharded."""
+    folder = os.fspath(folder)
+    index = os.path.join(folder, INDEX_NAME)
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
+            raise file_error(index, f"not a valid safetensors index ({e})") from None
+        files = sorted(set(weight_map.values()))
+        for name in files:
+            if not os.path.isfile(os.path.join(folder, name)):
+                raise file_error(index, f"names shard {name!r}, which is not in the folder")
+        return [os.path.join(folder, n) for n in files]
+    single = os.path.join(folder, SINGLE_NAME)
+    if os.path.isfile(single):
+        return [single]
+    shards = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
+    if not shards:
+        raise file_error(folder, "no .safetensors weights in this folder (.bin pickles are not loaded)")
+    return [os.path.join(folder, n) for n in shards]
+
+
+def iter_tensors(folder: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every weight, memory-mapped, one at a time."""
+    from safetensors import SafetensorsError, safe_open
+
+    for path in safetensors_files(folder):
+        try:
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except (SafetensorsError, OSError) as e:
+            raise file_error(path, f"cannot read safetensors ({e})") from None
+
+
+def read_config(folder: str | os.PathLike) -> ModelConfig:
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise file_error(folder, "no such folder" if not os.path.exists(folder) else "not a folder")
+    return ModelConfig.from_hf_folder(folder)
+
+
+def write_folder(folder: str | os.PathLike, cfg: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor]],
+                 max_shard_bytes: int = 2 << 30) -> None:
+    """Write config.json and safetensors shards (+ index when more than one), streaming tensors."""
+    from safetensors.torch import save_file
+
+    from loraforge.atomic import atomic_path
+
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    sizes = [0]
+    written: list[tuple[str, list[str]]] = []
+
+    def flush(last: bool) -> None:
+        idx = len(written) + 1
+        name = f"model-{idx:05d}.safetensors"
+        with atomic_path(os.path.join(folder, name)) as tmp:
+            save_file(shards[0], tmp, metadata={"format": "pt"})
+        written.append((name, list(shards[0])))
+        shards[0], sizes[0] = {}, 0
+
+    for name, t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if shards[0] and sizes[0] + nbytes > max_shard_bytes:
+            flush(False)
+        shards[0][name] = t.contiguous()
+        sizes[0] += nbytes
+    if shards[0] or not written:
+        flush(True)
+    total = len(written)
+    if total == 1:
+        only = written[0][0]
+        os.replace(os.path.join(folder, only), os.path.join(folder, SINGLE_NAME))
+    else:
+        weight_map = {}
+        for i, (name, keys) in enumerate(written, 1):
+            final = f"model-{i:05d}-of-{total:05d}.safetensors"
+            os.replace(os.path.join(folder, name), os.path.join(folder, final))
+            weight_map.update({k: final for k in keys})
+        with atomic_path(os.path.join(folder, INDEX_NAME)) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=2)
+    with atomic_path(os.path.join(folder, "config.json")) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(cfg.to_hf_dict(), f, indent=2)

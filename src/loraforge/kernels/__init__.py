@@ -1,0 +1,1 @@
+"""Optional fused GPU kernels, each with a torch fallback."""

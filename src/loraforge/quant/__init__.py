@@ -1,0 +1,1 @@
+"""Frozen base weights kept compressed in memory: ggml blocks and NF4."""
