@@ -45,14 +45,14 @@ def safetensors_files(folder: str | os.PathLike) -> list[str]:
 
 def iter_tensors(folder: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for every weight, memory-mapped, one at a time."""
-    from safetensors import SafetensorsError, safe_open
+    from safetensors import SafetensorError, safe_open
 
     for path in safetensors_files(folder):
         try:
             with safe_open(path, framework="pt") as f:
                 for name in f.keys():
                     yield name, f.get_tensor(name)
-        except (SafetensorsError, OSError) as e:
+        except (SafetensorError, OSError) as e:
             raise file_error(path, f"cannot read safetensors ({e})") from None
 
 
