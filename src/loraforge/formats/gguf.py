@@ -14,7 +14,6 @@ import numpy as np
 
 from loraforge.config import ModelConfig
 from loraforge.errors import LoraforgeError, file_error
-from loraforge.formats.gguf_meta import metadata_dict
 from loraforge.formats.names import (gguf_to_hf_name, is_aux_gguf_tensor, needs_qk_permutation,
                                      permute_qk_gguf_to_hf, qk_heads)
 
@@ -44,11 +43,8 @@ class GGUFModel:
     path: str
 
 
-def open_reader(path: str | os.PathLike):
-    """A gguf.GGUFReader, or a one-line error naming the file and what is wrong with it."""
-    import gguf
-
-    path = os.fspath(path)
+def open_reader_checks(path: str) -> None:
+    """One-line errors for a path that is missing, a folder, or not GGUF."""
     if not os.path.exists(path):
         raise file_error(path, "no such file")
     if os.path.isdir(path):
@@ -60,8 +56,18 @@ def open_reader(path: str | os.PathLike):
             raise file_error(path, "is an old llama.cpp 'ggla' LoRA file, not a GGUF model "
                                    "(convert it with `loraforge export`)")
         raise file_error(path, f"not a GGUF file (starts with {magic!r}, expected b'GGUF')")
+
+
+def open_reader(path: str | os.PathLike):
+    """A gguf.GGUFReader, or a one-line error naming the file and what is wrong with it."""
+    import gguf
+
+    path = os.fspath(path)
+    open_reader_checks(path)
     try:
-        return gguf.GGUFReader(path, "r")
+        # copy-on-write mapping: tensors are writable numpy arrays (torch.from_numpy needs that),
+        # pages stay shared with the file until written, and the file itself is never modified
+        return gguf.GGUFReader(path, "c")
     except ValueError as e:
         msg = str(e)
         if "GGMLQuantizationType" in msg or "is not a valid" in msg:
@@ -77,28 +83,28 @@ def read_model(path: str | os.PathLike) -> GGUFModel:
 
     from loraforge.quant.ggml import SUPPORTED_TYPES
 
+    from loraforge.formats.gguf_file import read_gguf
+
     path = os.fspath(path)
-    reader = open_reader(path)
-    meta = metadata_dict(reader)
+    open_reader_checks(path)
+    gf = read_gguf(path)
+    meta = gf.metadata
     if meta.get("general.type") == "adapter":
         raise file_error(path, "is a LoRA adapter, not a base model (pass it with --lora)")
-    names = {t.name for t in reader.tensors}
-    tok_embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
-    n_vocab = int(tok_embd.shape[1]) if tok_embd is not None else None
+    names = {t.name for t in gf.tensors}
+    tok_embd = next((t for t in gf.tensors if t.name == "token_embd.weight"), None)
+    n_vocab = int(tok_embd.shape[0]) if tok_embd is not None else None
     cfg = ModelConfig.from_gguf_metadata(meta, path, n_vocab=n_vocab, has_output="output.weight" in names)
     permute = needs_qk_permutation(meta["general.architecture"])
-    file_size = os.path.getsize(path)
     tensors: dict[str, RawTensor] = {}
-    for t in reader.tensors:
-        qtype = int(t.tensor_type)
+    for t in gf.tensors:
+        qtype = int(t.qtype)
         if qtype not in SUPPORTED_TYPES:
             raise file_error(path, f"tensor {t.name} has type {gguf.GGMLQuantizationType(qtype).name}, "
                                    f"which is not supported")
-        if t.data_offset + t.n_bytes > file_size:
-            raise file_error(path, f"truncated: tensor {t.name} runs past the end of the file")
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        shape = t.shape
         if t.name == "rope_freqs.weight":
-            cfg.extra["rope_freqs"] = np.array(t.data, dtype=np.float32).reshape(-1)
+            cfg.extra["rope_freqs"] = np.array(gf.data(t), dtype=np.float32).reshape(-1)
             continue
         if is_aux_gguf_tensor(t.name):
             continue
@@ -107,9 +113,7 @@ def read_model(path: str | os.PathLike) -> GGUFModel:
         except LoraforgeError:
             raise file_error(path, f"unknown tensor {t.name!r} for architecture "
                                    f"{meta['general.architecture']!r}") from None
-        data = t.data
-        if data.ndim == 1 and len(shape) == 2:
-            data = data.reshape(shape[0], -1)
+        data = gf.data(t)
         heads = qk_heads(hf_name, cfg.num_attention_heads, cfg.num_key_value_heads)
         if permute and heads is not None:
             data = permute_qk_gguf_to_hf(data, heads)

@@ -1,0 +1,135 @@
+"""Plain-text training samples formed the way llama.cpp's finetune forms them.
+
+The file is tokenized whole (no BOS). Without `sample_start`, a sample begins at every token
+position (ctx tokens long), so a file of N tokens gives N - ctx samples. With `sample_start`,
+samples begin at each occurrence of that string. A batch row is [BOS, s0 .. s(ctx-2)] with
+targets [s0 .. s(ctx-1)]; a short sample is filled with EOS, or with the next samples
+(`fill_with_next_samples`, separated by EOS/BOS when asked).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+import torch
+
+from loraforge.data.batch import Batch
+from loraforge.errors import file_error
+
+
+@dataclass
+class TextSampleOptions:
+    sample_start: str = ""
+    include_sample_start: bool = False
+    escape: bool = False
+    overlapping_samples: bool = False
+    fill_with_next_samples: bool = False
+    separate_with_eos: bool = False
+    separate_with_bos: bool = True
+
+
+def read_text_file(path: str) -> str:
+    """The file as text; binary or non-UTF-8 content is a one-line error with the byte offset."""
+    if not os.path.exists(path):
+        raise file_error(path, "no such file")
+    if os.path.isdir(path):
+        raise file_error(path, "is a folder, expected a text file")
+    with open(path, "rb") as f:
+        raw = f.read()
+    if not raw.strip():
+        raise file_error(path, "is empty (no training text)")
+    if b"\x00" in raw:
+        offset = raw.index(b"\x00")
+        raise file_error(path, f"looks binary (NUL byte at offset {offset}), expected UTF-8 text")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        bad = raw[e.start: e.start + 4].hex(" ")
+        raise file_error(path, f"is not UTF-8: invalid byte(s) {bad} at offset {e.start} (line {line}); "
+                               "convert it to UTF-8 first (e.g. iconv -f cp949 -t utf-8)") from None
+    return text[1:] if text.startswith("\ufeff") else text
+
+
+def data_fingerprint(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+class TextSamples:
+    """Token windows over one tokenized text, addressable by sample index."""
+
+    def __init__(self, tokens: list[int], ctx: int, bos_id: int, eos_id: int, vocab_size: int,
+                 options: TextSampleOptions, sample_start_ids: list[int] | None = None,
+                 batch_size: int = 1) -> None:
+        self.items_per_batch = batch_size
+        self.tokens = torch.tensor(tokens, dtype=torch.long).clamp_(0, vocab_size - 1)
+        self.ctx, self.bos_id, self.eos_id = ctx, bos_id, eos_id
+        self.options = options
+        self.begins, self.sizes = self._sample_bounds(sample_start_ids or [])
+
+    def _sample_bounds(self, start_ids: list[int]) -> tuple[list[int], list[int]]:
+        n, ctx = len(self.tokens), self.ctx
+        if not start_ids:
+            begins = [0] + list(range(1, max(n - ctx, 0)))
+            sizes = [min(ctx, n)] + [ctx] * (len(begins) - 1)
+            return begins, sizes
+        toks = self.tokens.tolist()
+        k = len(start_ids)
+        starts = [i for i in range(n - k + 1) if toks[i:i + k] == start_ids]
+        if not starts:
+            starts = [0]
+        begins, sizes = [], []
+        for j, s in enumerate(starts):
+            b = s if self.options.include_sample_start else s + k
+            end = n if (self.options.overlapping_samples or j + 1 == len(starts)) else starts[j + 1]
+            if end > b:
+                begins.append(b)
+                sizes.append(min(end - b, ctx) if not self.options.overlapping_samples else min(n - b, ctx))
+        return begins, sizes
+
+    def __len__(self) -> int:
+        return len(self.begins)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.begins)
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens)
+
+    def make_batch(self, sample_ids: list[int]) -> Batch:
+        """input_ids and labels (B, ctx) for samples in order (fill-with-next takes following ids)."""
+        rows_in, rows_tgt = [], []
+        order = list(sample_ids)
+        for k, first in enumerate(order):
+            inputs, targets = self._row(first, order[k + 1:] if self.options.fill_with_next_samples else [])
+            rows_in.append(inputs)
+            rows_tgt.append(targets)
+        return Batch(torch.stack(rows_in), torch.stack(rows_tgt))
+
+    def _row(self, sample: int, following: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx, opts = self.ctx, self.options
+        target: list[int] = []
+        pieces = [sample] + following
+        idx = 0
+        while len(target) < ctx:
+            b, size = self.begins[pieces[idx]], self.sizes[pieces[idx]]
+            target.extend(self.tokens[b:b + min(size, ctx - len(target))].tolist())
+            if len(target) >= ctx or not opts.fill_with_next_samples or idx + 1 >= len(pieces):
+                break
+            if opts.separate_with_eos and len(target) < ctx:
+                target.append(self.eos_id)
+            if opts.separate_with_bos and len(target) < ctx:
+                target.append(self.bos_id)
+            idx += 1
+        target = (target + [self.eos_id] * ctx)[:ctx]
+        inputs = [self.bos_id] + target[:-1]
+        return torch.tensor(inputs), torch.tensor(target)
+
+
+def unescape(s: str) -> str:
+    """Process \\n, \\t, \\\\ ... escapes as llama.cpp's --escape does."""
+    return s.encode("utf-8").decode("unicode_escape").encode("latin-1").decode("utf-8")

@@ -1,0 +1,193 @@
+"""Resumable training checkpoints, written as GGUF files (as llama.cpp's finetune did).
+
+Content: the LoRA tensors (`lora.<module>.lora_A|lora_B`), the AdamW moments
+(`adam.m.<...>`, `adam.v.<...>`) and one JSON metadata string (`loraforge.checkpoint`) with
+the counters, schedule position, data order position, RNG states, the LoRA config and the
+fingerprints of the base model and the training data. Writes are atomic.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from loraforge.atomic import atomic_path
+from loraforge.errors import LoraforgeError, file_error
+from loraforge.lora import Adapter, LoraConfig, lora_modules
+
+CHECKPOINT_TYPE = "loraforge-checkpoint"
+STATE_KEY = "loraforge.checkpoint"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class TrainState:
+    """Where training stands; everything needed to continue exactly."""
+
+    iteration: int = 0  # optimizer steps done
+    epoch: int = 0  # completed passes over the data
+    epoch_pos: int = 0  # items of the current epoch's shuffled order already used
+    samples_seen: int = 0
+    tokens_seen: int = 0
+    seed: int = 0
+    n_items: int = 0  # samples (text) or rows (instruction data) per epoch
+    data_fingerprint: str = ""
+    base_fingerprint: str = ""
+    elapsed_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Checkpoint:
+    state: TrainState
+    lora: LoraConfig
+    tensors: dict[str, torch.Tensor]  # adapter tensors by "<module>.lora_A|B"
+    moments: dict[str, tuple[torch.Tensor, torch.Tensor]]  # same keys -> (exp_avg, exp_avg_sq)
+    adam_step: float
+    rng: dict[str, str]  # base64 RNG states
+    arch: str
+    model_shape: dict[str, int]
+    train_config: dict[str, Any]
+
+
+def _param_keys(model: nn.Module, name: str = "default") -> list[tuple[str, nn.Parameter]]:
+    keys = []
+    for module_name, m in lora_modules(model).items():
+        if name in m.scaling:
+            keys.append((module_name + ".lora_A", m.lora_A[name]))
+            keys.append((module_name + ".lora_B", m.lora_B[name]))
+    return keys
+
+
+def rng_states() -> dict[str, str]:
+    states = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    if torch.cuda.is_available():
+        states["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
+    return states
+
+
+def restore_rng(states: dict[str, str]) -> None:
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(states["torch"])), dtype=torch.uint8))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(states["cuda"])), dtype=torch.uint8))
+
+
+def model_shape(cfg) -> dict[str, int]:
+    return {"vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "layers": cfg.num_hidden_layers,
+            "heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads,
+            "intermediate_size": cfg.intermediate_size}
+
+
+def save_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, lora_cfg: LoraConfig,
+                    state: TrainState, model_cfg, train_config: dict[str, Any]) -> None:
+    """Write the checkpoint atomically (a crash leaves the previous file intact)."""
+    import gguf
+
+    with atomic_path(path) as tmp:
+        writer = gguf.GGUFWriter(tmp, arch=model_cfg.arch)
+        writer.add_type(CHECKPOINT_TYPE)
+        adam_step = 0.0
+        for key, p in _param_keys(model):
+            writer.add_tensor("lora." + key, p.detach().float().cpu().numpy())
+            st = optimizer.state.get(p, {})
+            if "exp_avg" in st:
+                writer.add_tensor("adam.m." + key, st["exp_avg"].detach().float().cpu().numpy())
+                writer.add_tensor("adam.v." + key, st["exp_avg_sq"].detach().float().cpu().numpy())
+                adam_step = float(st["step"])
+        meta = {
+            "version": FORMAT_VERSION,
+            "state": asdict(state),
+            "lora": lora_cfg.to_dict(),
+            "adam_step": adam_step,
+            "rng": rng_states(),
+            "model_shape": model_shape(model_cfg),
+            "train_config": train_config,
+        }
+        writer.add_string(STATE_KEY, json.dumps(meta))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+
+def is_checkpoint(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                return False
+        from loraforge.formats.gguf import open_reader
+
+        reader = open_reader(path)
+        return STATE_KEY in reader.fields
+    except (OSError, LoraforgeError):
+        return False
+
+
+def load_checkpoint(path: str) -> Checkpoint:
+    """Read a checkpoint; a damaged or foreign file is a one-line error."""
+    from loraforge.formats.gguf import open_reader
+
+    reader = open_reader(path)
+    field_ = reader.fields.get(STATE_KEY)
+    if field_ is None:
+        raise file_error(path, "is a GGUF file but not a loraforge training checkpoint")
+    try:
+        meta = json.loads(bytes(field_.parts[field_.data[0]]).decode("utf-8"))
+        state = TrainState(**meta["state"])
+        lora_cfg = LoraConfig.from_dict(meta["lora"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise file_error(path, f"damaged checkpoint metadata ({e})") from None
+    if meta.get("version") != FORMAT_VERSION:
+        raise file_error(path, f"checkpoint format version {meta.get('version')} is not supported")
+    tensors: dict[str, torch.Tensor] = {}
+    m: dict[str, torch.Tensor] = {}
+    v: dict[str, torch.Tensor] = {}
+    for t in reader.tensors:
+        arr = torch.from_numpy(np.array(t.data, dtype=np.float32))
+        if t.name.startswith("lora."):
+            tensors[t.name[5:]] = arr
+        elif t.name.startswith("adam.m."):
+            m[t.name[7:]] = arr
+        elif t.name.startswith("adam.v."):
+            v[t.name[7:]] = arr
+    moments = {k: (m[k], v[k]) for k in m if k in v}
+    arch_field = reader.fields.get("general.architecture")
+    arch = bytes(arch_field.parts[arch_field.data[0]]).decode() if arch_field else "llama"
+    return Checkpoint(state, lora_cfg, tensors, moments, float(meta.get("adam_step", 0.0)), meta["rng"], arch,
+                      meta.get("model_shape", {}), meta.get("train_config", {}))
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, ckpt: Checkpoint) -> None:
+    """Put the saved AdamW moments back onto the model's adapter parameters."""
+    if not ckpt.moments:
+        return
+    for key, p in _param_keys(model):
+        if key not in ckpt.moments:
+            raise LoraforgeError(f"checkpoint lacks optimizer moments for {key}")
+        exp_avg, exp_avg_sq = ckpt.moments[key]
+        optimizer.state[p] = {
+            "step": torch.tensor(ckpt.adam_step, dtype=torch.float32,
+                                 device=p.device if getattr(optimizer, "defaults", {}).get("fused") else "cpu"),
+            "exp_avg": exp_avg.to(device=p.device, dtype=p.dtype).clone(),
+            "exp_avg_sq": exp_avg_sq.to(device=p.device, dtype=p.dtype).clone(),
+        }
+
+
+def read_checkpoint_adapter(path: str) -> Adapter:
+    """The adapter inside a training checkpoint (any adapter argument accepts checkpoints)."""
+    ckpt = load_checkpoint(path)
+    alpha_pattern = {}
+    for key in ckpt.tensors:
+        module = key.rpartition(".")[0]
+        a = ckpt.lora.alpha_for(module)
+        if a != ckpt.lora.alpha:
+            alpha_pattern[module] = a
+    return Adapter(tensors=dict(ckpt.tensors), alpha=ckpt.lora.alpha, use_rslora=ckpt.lora.use_rslora,
+                   alpha_pattern=alpha_pattern, metadata={"source": "checkpoint", "arch": ckpt.arch})

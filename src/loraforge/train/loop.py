@@ -1,0 +1,143 @@
+"""The training loop: one function, read top to bottom.
+
+Data comes from a `BatchSource` (text windows or instruction rows) in a shuffled order per
+epoch that is a pure function of (seed, epoch), so the position in it is all a checkpoint
+needs to continue exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+from torch import nn
+
+from loraforge.data.batch import Batch
+from loraforge.train.checkpoint import TrainState
+from loraforge.train.optim import Schedule, set_lr
+
+
+class BatchSource(Protocol):
+    n_items: int  # samples / rows per epoch
+    items_per_batch: int
+
+    def make_batch(self, item_ids: list[int]) -> Batch: ...
+
+
+@dataclass
+class LoopOptions:
+    n_iter: int  # optimizer steps to run in this call
+    lr: float
+    grad_acc: int = 1
+    grad_clip: float = 1.0  # <= 0: no clipping
+    save_every: int = 0
+    eval_every: int = 0
+    device: str = "cpu"
+
+
+@dataclass
+class StepLog:
+    iteration: int
+    sample: int  # 1-based index of the first sample of the step within the epoch
+    n_items: int
+    epoch: int
+    sched: float
+    lr: float
+    loss: float
+    grad_norm: float
+    tokens: int  # trained (labelled) tokens in this step
+    dt: float  # seconds for this step
+    eta: float  # seconds left for this call
+
+
+def epoch_order(n_items: int, seed: int, epoch: int) -> list[int]:
+    """The shuffled item order of one epoch: a pure function of (seed, epoch)."""
+    g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % (2**63))
+    return torch.randperm(n_items, generator=g).tolist()
+
+
+def next_items(state: TrainState, count: int, order_cache: dict[int, list[int]]) -> list[int]:
+    """Take `count` items from the current position, moving into the next epoch when one ends."""
+    items = []
+    while len(items) < count:
+        order = order_cache.get(state.epoch)
+        if order is None:
+            order_cache.clear()
+            order = order_cache[state.epoch] = epoch_order(state.n_items, state.seed, state.epoch)
+        take = order[state.epoch_pos: state.epoch_pos + count - len(items)]
+        items += take
+        state.epoch_pos += len(take)
+        if state.epoch_pos >= state.n_items:
+            state.epoch, state.epoch_pos = state.epoch + 1, 0
+    return items
+
+
+def train(model: nn.Module, source: BatchSource, optimizer: torch.optim.Optimizer, schedule: Schedule,
+          opts: LoopOptions, state: TrainState,
+          on_step: Callable[[StepLog], None],
+          on_save: Callable[[TrainState], None],
+          on_eval: Callable[[TrainState], None] | None = None) -> TrainState:
+    """Run `opts.n_iter` optimizer steps from `state` (which it advances), saving every `save_every`."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    order_cache: dict[int, list[int]] = {}
+    model.train()
+    started = time.perf_counter()
+    last_end = started
+    for step_in_call in range(1, opts.n_iter + 1):
+        iteration = state.iteration + 1
+        sched = schedule(iteration)
+        set_lr(optimizer, opts.lr * sched)
+        first_sample = state.epoch_pos + 1
+
+        # Gradient accumulation: micro-batches weighted by their share of the step's labelled tokens.
+        micro_batches = [source.make_batch(next_items(state, source.items_per_batch, order_cache))
+                         for _ in range(opts.grad_acc)]
+        step_tokens = sum(b.n_labelled for b in micro_batches)
+        loss_sum = 0.0
+        for b in micro_batches:
+            loss, n = model.loss(b.input_ids.to(opts.device), b.labels.to(opts.device),
+                                 None if b.doc_ids is None else b.doc_ids.to(opts.device))
+            if n == 0:
+                continue
+            (loss * (n / step_tokens)).backward()
+            loss_sum += float(loss.detach()) * n
+            state.samples_seen += b.input_ids.shape[0]
+        grad_norm = _clip(params, opts.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        state.iteration = iteration
+        state.tokens_seen += sum(b.input_ids.numel() for b in micro_batches)
+        now = time.perf_counter()
+        dt, last_end = now - last_end, now
+        state.elapsed_s += dt
+        per_step = (now - started) / step_in_call
+        on_step(StepLog(iteration, first_sample, state.n_items, state.epoch, sched, opts.lr * sched,
+                        loss_sum / max(step_tokens, 1), grad_norm, step_tokens, dt,
+                        per_step * (opts.n_iter - step_in_call)))
+        if on_eval is not None and opts.eval_every and iteration % opts.eval_every == 0:
+            on_eval(state)
+            model.train()
+        if opts.save_every and iteration % opts.save_every == 0 and step_in_call < opts.n_iter:
+            on_save(state)
+            last_end = time.perf_counter()  # saving time is not the next step's time
+    model.eval()
+    on_save(state)
+    return state
+
+
+def _clip(params: list[nn.Parameter], max_norm: float) -> float:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+
+
+def format_hms(seconds: float) -> str:
+    seconds = max(0, int(math.floor(seconds)))
+    return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
