@@ -325,10 +325,12 @@ def test_hf_folder_matches_transformers(smollm_folder, smollm):
     assert ours.eot_ids == smollm.eot_ids
 
 
-def test_hf_folder_sentencepiece_matches_transformers(spm_hf_legacy, tmp_path):
-    from transformers import AutoTokenizer
+@pytest.mark.parametrize("add_bos", [False, True])
+def test_hf_folder_sentencepiece_matches_transformers(spm_files, tmp_path, add_bos):
+    from transformers import AutoTokenizer, LlamaTokenizer
 
-    spm_hf_legacy.save_pretrained(tmp_path)
+    # With add_bos_token the saved tokenizer.json's post-processor puts <s> first.
+    LlamaTokenizer.from_pretrained(spm_files["folder"], legacy=True, add_bos_token=add_bos).save_pretrained(tmp_path)
     # tokenizer_config.json does not keep `legacy`; without it transformers rebuilds the
     # pre-tokenizer as prepend_scheme="first" instead of the saved tokenizer.json's "always".
     reference = AutoTokenizer.from_pretrained(tmp_path, legacy=True)
@@ -338,7 +340,7 @@ def test_hf_folder_sentencepiece_matches_transformers(spm_hf_legacy, tmp_path):
         assert ours.encode(text) == expected, text
         # transformers' Strip decoder drops the first space of any decode; ours drops the one after a
         # leading BOS only (so a streamed continuation keeps its space): compare with BOS in front.
-        with_bos = [ours.bos_id, *expected]
+        with_bos = expected if add_bos else [ours.bos_id, *expected]
         assert ours.decode(with_bos, skip_special=True) == reference.decode(expected, skip_special_tokens=True)
 
 
