@@ -381,9 +381,14 @@ def merge_to_hf(base_path: str, adapters: Sequence[tuple[Adapter, float]], out_f
                     yield name, t
 
         def get(name: str) -> torch.Tensor:
-            for n, t in iterate():
-                if n == name:
-                    return t
+            from safetensors import safe_open
+
+            from loraforge.formats.hf import safetensors_files
+
+            for shard in safetensors_files(base_path):
+                with safe_open(shard, framework="pt") as f:
+                    if name in f.keys():
+                        return f.get_tensor(name)
             raise file_error(base_path, f"missing tensor {name}")
 
         dtype = HF_DTYPES.get(outtype)

@@ -103,15 +103,13 @@ def detect_format(path: str | os.PathLike) -> str:
     if magic == GGLA_MAGIC:
         return "ggla"
     if magic == GGUF_MAGIC:
-        from loraforge.formats.gguf import open_reader
-        from loraforge.formats.gguf_meta import field_value
+        from loraforge.formats.gguf_file import read_gguf
 
-        reader = open_reader(path)
-        field = reader.fields.get("general.type")
-        kind = field_value(reader, field) if field is not None else ""
+        meta = read_gguf(path).metadata  # header only: fast even for a base model passed by mistake
+        kind = meta.get("general.type", "")
         if kind == "adapter":
             return "gguf"
-        if kind == "loraforge-checkpoint" or "loraforge.checkpoint" in reader.fields:
+        if kind == "loraforge-checkpoint" or "loraforge.checkpoint" in meta:
             return "checkpoint"
         raise file_error(path, f"is a GGUF {kind or 'model'} file, not a LoRA adapter")
     if path.endswith(".safetensors"):

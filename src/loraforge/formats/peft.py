@@ -169,6 +169,9 @@ def read_peft(folder: str | os.PathLike, cfg: ModelConfig | None = None) -> Adap
     tensors: dict[str, torch.Tensor] = {}
     for key, value in raw.items():
         name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        if name.endswith(".base_layer.weight") and name.split(".base_layer.")[0] in ("model.embed_tokens",
+                                                                                     "lm_head"):
+            continue  # peft's copy of the (frozen) base embedding / output matrix (save_embedding_layers)
         m = _KEY_RE.match(name)
         if m is None:
             raise file_error(weights, f"unexpected tensor {key!r} (only LoRA A/B tensors are supported)")
