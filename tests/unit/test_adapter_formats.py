@@ -435,3 +435,90 @@ def test_bad_adapter_files(tmp_path):
         load_adapter(tmp_path / "half.bin", CFG)
     with pytest.raises(LoraforgeError, match="no such file"):
         load_adapter(tmp_path / "missing.gguf", CFG)
+
+
+# -- merge ---------------------------------------------------------------------------------------------
+
+def write_plain_gguf(path: Path, cfg: ModelConfig, rng, f16: bool = False) -> dict[str, np.ndarray]:
+    """A random llama GGUF without tokenizer (merge does not need one); returns its tensors (GGUF layout)."""
+    import gguf
+
+    h, f, kv = cfg.hidden_size, cfg.intermediate_size, cfg.kv_size
+    shapes = {"token_embd.weight": (cfg.vocab_size, h), "output_norm.weight": (h,), "output.weight": (cfg.vocab_size, h)}
+    for i in range(cfg.num_hidden_layers):
+        shapes.update({f"blk.{i}.attn_norm.weight": (h,), f"blk.{i}.attn_q.weight": (h, h),
+                       f"blk.{i}.attn_k.weight": (kv, h), f"blk.{i}.attn_v.weight": (kv, h),
+                       f"blk.{i}.attn_output.weight": (h, h), f"blk.{i}.ffn_norm.weight": (h,),
+                       f"blk.{i}.ffn_gate.weight": (f, h), f"blk.{i}.ffn_down.weight": (h, f),
+                       f"blk.{i}.ffn_up.weight": (f, h)})
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, value in (("context_length", 128), ("embedding_length", h), ("block_count", cfg.num_hidden_layers),
+                       ("feed_forward_length", f), ("attention.head_count", cfg.num_attention_heads),
+                       ("attention.head_count_kv", cfg.num_key_value_heads)):
+        w.add_uint32(f"llama.{key}", value)
+    w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+    w.add_string("tokenizer.chat_template", "{{ messages }}")
+    tensors = {}
+    for name, shape in shapes.items():
+        x = rng.normal(0, 0.05, shape).astype(np.float32)
+        if f16 and len(shape) == 2:
+            x = x.astype(np.float16)
+        tensors[name] = x
+        w.add_tensor(name, x)
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    return tensors
+
+
+@pytest.mark.parametrize("outtype", ["f32", "same"])
+def test_merge_ggla_into_gguf_matches_ggml_formula(tmp_path, outtype):
+    """Merging an old finetune adapter: every merged tensor (GGUF layout, read back by the gguf
+    package) is base + user_scale * alpha / r * mul_mat(loraA, loraB), norms included, q/k rows
+    included (the adapter's GGUF layout survives our HF-layout round trip)."""
+    import gguf
+
+    from loraforge.merge import merge_to_gguf
+
+    cfg = CFG
+    rng = np.random.default_rng(11)
+    base = write_plain_gguf(tmp_path / "base.gguf", cfg, rng, f16=(outtype == "same"))
+    pairs = finetune_tensors(cfg, 4, 2, rng)
+    write_ggla(tmp_path / "old.bin", 4, 12, [(n + s, x, 2) for n, (a, b) in pairs.items()
+                                             for s, x in ((".loraA", a), (".loraB", b))])
+    adapter = load_adapter(tmp_path / "old.bin", cfg)
+    summary = merge_to_gguf(str(tmp_path / "base.gguf"), [(adapter, 0.5)], str(tmp_path / "m.gguf"), outtype)
+    assert summary["changed"] == len(pairs)
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    assert reader.fields["tokenizer.chat_template"].contents() == "{{ messages }}"
+    merged = {t.name: (t, np.asarray(t.data)) for t in reader.tensors}
+    assert set(merged) == set(base)
+    for name, (a, b) in pairs.items():
+        t, data = merged[name]
+        expected = base[name].astype(np.float32) + 0.5 * (12 / 4) * (b @ a.T).reshape(base[name].shape)
+        if outtype == "same" and base[name].ndim == 2:
+            assert t.tensor_type == gguf.GGMLQuantizationType.F16
+            np.testing.assert_allclose(data.astype(np.float32), expected, rtol=1e-3, atol=1e-4)
+        else:
+            assert t.tensor_type == gguf.GGMLQuantizationType.F32
+            np.testing.assert_allclose(data, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_merge_hf_base_to_hf_folder(tmp_path, tiny_llama_folder):
+    from safetensors.torch import load_file
+
+    from loraforge.merge import merge_to_hf
+
+    cfg = ModelConfig.from_hf_folder(tiny_llama_folder)
+    adapter = random_adapter(seed=12, cfg=cfg, extra=("lm_head",))
+    merge_to_hf(tiny_llama_folder, [(adapter, -2.0)], str(tmp_path / "out"), "f32", max_shard_bytes=200_000)
+    base = load_file(os.path.join(tiny_llama_folder, "model.safetensors"))
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    merged = {}
+    for shard in set(index["weight_map"].values()):
+        merged.update(load_file(str(tmp_path / "out" / shard)))
+    assert set(merged) == set(base)
+    for name, value in base.items():
+        module = name[: -len(".weight")]
+        expected = value + (-2.0 * adapter.delta(module) if module in adapter.modules() else 0)
+        torch.testing.assert_close(merged[name], expected, rtol=0, atol=1e-6)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "out" / name).read_bytes() == Path(tiny_llama_folder, name).read_bytes()
