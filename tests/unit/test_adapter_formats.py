@@ -444,7 +444,8 @@ def write_plain_gguf(path: Path, cfg: ModelConfig, rng, f16: bool = False) -> di
     import gguf
 
     h, f, kv = cfg.hidden_size, cfg.intermediate_size, cfg.kv_size
-    shapes = {"token_embd.weight": (cfg.vocab_size, h), "output_norm.weight": (h,), "output.weight": (cfg.vocab_size, h)}
+    shapes = {"token_embd.weight": (cfg.vocab_size, h), "output_norm.weight": (h,),
+              "output.weight": (cfg.vocab_size, h)}
     for i in range(cfg.num_hidden_layers):
         shapes.update({f"blk.{i}.attn_norm.weight": (h,), f"blk.{i}.attn_q.weight": (h, h),
                        f"blk.{i}.attn_k.weight": (kv, h), f"blk.{i}.attn_v.weight": (kv, h),
@@ -522,3 +523,28 @@ def test_merge_hf_base_to_hf_folder(tmp_path, tiny_llama_folder):
         torch.testing.assert_close(merged[name], expected, rtol=0, atol=1e-6)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (tmp_path / "out" / name).read_bytes() == Path(tiny_llama_folder, name).read_bytes()
+
+
+def test_training_checkpoint_is_accepted_as_adapter(tmp_path, capsys, tiny_llama_folder):
+    from loraforge import lora
+    from loraforge.model import CausalLM
+    from loraforge.train.checkpoint import TrainState, save_checkpoint
+
+    cfg = ModelConfig.from_hf_folder(tiny_llama_folder)
+    torch.manual_seed(0)
+    model = CausalLM(cfg)
+    lora_cfg = lora.LoraConfig(r=4, alpha=6.0, target_modules=("q_proj", "v_proj", "down_proj"),
+                               rank_pattern={"down_proj": 2}, alpha_pattern={"v_proj": 3.0})
+    lora.inject(model, lora_cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    save_checkpoint(str(tmp_path / "chk-LATEST.gguf"), model, optimizer, lora_cfg, TrainState(), cfg, {})
+    expected = lora.to_adapter(model, lora_cfg)
+    assert_same_adapter(load_adapter(tmp_path / "chk-LATEST.gguf", cfg), expected)
+    rc, _, err = run_cli(["export", "--in", str(tmp_path / "chk-LATEST.gguf"), "--out", str(tmp_path / "p"),
+                          "--model-base", tiny_llama_folder], capsys)
+    assert rc == 0, err
+    assert_same_adapter(load_adapter(tmp_path / "p", cfg), expected)
