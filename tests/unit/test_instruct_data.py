@@ -116,8 +116,11 @@ def test_format_override_and_column_mapping(tmp_path):
     recs = load_records(path, fmt="alpaca", columns={"instruction": "question", "output": "answer"})
     assert recs.format == "alpaca"
     assert recs[0]["fields"] == {"instruction": "Why?", "input": "", "output": "Because."}
+    assert load_records(path, fmt="alpaca", columns="instruction=question, output=answer")[0] == recs[0]
     with pytest.raises(LoraforgeError, match="unknown field 'question'"):
         load_records(path, columns={"question": "instruction"})
+    with pytest.raises(LoraforgeError, match="FIELD=COLUMN"):
+        load_records(path, columns="instruction")
     odd = write_jsonl(tmp_path / "odd.jsonl", [{"q": 1}])
     with pytest.raises(LoraforgeError, match=r"odd\.jsonl: cannot tell the data format .*\(q\)"):
         load_records(odd)
@@ -237,7 +240,7 @@ def test_sharegpt_and_prompt_completion_masks(tok, tmp_path):
     assert rep.trainable_tokens == len(trained(samples[0].labels))
 
     pc = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Q: capital of France?\nA:", "completion": " Paris"}])
-    samples, rep = prepare_instruction_data(pc, tok)
+    samples, rep = prepare_instruction_data(pc, tok, template="auto")
     assert rep.template == "raw"
     s = samples[0]
     prompt = tok.encode("Q: capital of France?\nA:", add_bos=False)
@@ -415,7 +418,7 @@ def _fit_and_generate(compact: list[Sample], used: list[int], eos_id: int, steps
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     batch = padded_batches(compact, len(compact), pad_id=0, seed=0)[0]
     for _ in range(steps):
-        loss, _ = model.loss(batch["input_ids"], batch["labels"])
+        loss, _ = model.loss(batch.input_ids, batch.labels)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from loraforge.config import ModelConfig
-from loraforge.data.instruct import Sample, pack, padded_batches
+from loraforge.data.instruct import InstructionSource, Sample, pack, padded_batches
 from loraforge.errors import LoraforgeError
 from loraforge.model import IGNORE_INDEX, CausalLM
 
@@ -59,18 +59,18 @@ def test_pack_places_every_sample_once_within_seq_len():
     seen = []
     n_rows = 0
     for b in batches:
-        assert b["input_ids"].shape == b["labels"].shape == b["doc_ids"].shape
-        assert b["input_ids"].shape[1] == 64 and b["input_ids"].dtype == torch.long
-        for r in range(b["input_ids"].shape[0]):
+        assert b.input_ids.shape == b.labels.shape == b.doc_ids.shape
+        assert b.input_ids.shape[1] == 64 and b.input_ids.dtype == torch.long
+        for r in range(b.input_ids.shape[0]):
             n_rows += 1
-            docs = b["doc_ids"][r]
+            docs = b.doc_ids[r]
             for d in docs.unique().tolist():
                 idx = (docs == d).nonzero().flatten()
                 assert idx.tolist() == list(range(idx[0], idx[-1] + 1))  # contiguous
                 if d == 0:  # padding: never trained
-                    assert (b["labels"][r, idx] == IGNORE_INDEX).all()
+                    assert (b.labels[r, idx] == IGNORE_INDEX).all()
                 else:
-                    seen.append((b["input_ids"][r, idx].tolist(), b["labels"][r, idx].tolist()))
+                    seen.append((b.input_ids[r, idx].tolist(), b.labels[r, idx].tolist()))
     assert sorted(seen) == sorted((s.input_ids, s.labels) for s in samples)
     total = sum(len(s) for s in samples)
     assert n_rows == pytest.approx(total / 64, abs=2)  # best-fit decreasing fills rows nearly full
@@ -81,14 +81,14 @@ def test_pack_places_every_sample_once_within_seq_len():
 def test_packed_loss_equals_token_weighted_mean_of_unpacked(model):
     samples = random_samples(12, seed=2)
     batches = pack(samples, seq_len=80, batch_size=8, pad_id=0, seed=0)
-    assert len(batches) == 1 and any((b["doc_ids"].amax(dim=1) > 1).all() for b in batches)
+    assert len(batches) == 1 and (batches[0].doc_ids.amax(dim=1) > 1).all()
     b = batches[0]
-    packed, n_packed = model.loss(b["input_ids"], b["labels"], doc_ids=b["doc_ids"])
+    packed, n_packed = model.loss(b.input_ids, b.labels, doc_ids=b.doc_ids)
     reference = unpacked_loss(model, samples)
     assert n_packed == sum(s.n_targets for s in samples)
     torch.testing.assert_close(packed, reference, rtol=1e-5, atol=1e-6)
     # without per-document attention the result differs: the test can tell the two apart
-    leaky, _ = model.loss(b["input_ids"], b["labels"])
+    leaky, _ = model.loss(b.input_ids, b.labels)
     assert abs(float(leaky) - float(reference)) > 1e-3
 
 
@@ -99,7 +99,7 @@ def test_packed_gradients_equal_unpacked(model):
     for p in params:
         p.requires_grad_(True)
     try:
-        packed, _ = model.loss(b["input_ids"], b["labels"], doc_ids=b["doc_ids"])
+        packed, _ = model.loss(b.input_ids, b.labels, doc_ids=b.doc_ids)
         g_packed = torch.autograd.grad(packed, params)
         g_ref = torch.autograd.grad(unpacked_loss(model, samples), params)
     finally:
@@ -112,7 +112,7 @@ def test_packed_gradients_equal_unpacked(model):
 def test_no_cross_contamination_between_packed_documents(model):
     samples = random_samples(5, seed=4, min_len=10, max_len=20)
     b = pack(samples, seq_len=100, batch_size=1, pad_id=0, seed=None)[0]
-    ids, docs = b["input_ids"].clone(), b["doc_ids"]
+    ids, docs = b.input_ids.clone(), b.doc_ids
     assert docs.max() >= 3
     with torch.no_grad():
         before = model(ids, doc_ids=docs)
@@ -134,10 +134,10 @@ def test_no_cross_contamination_between_packed_documents(model):
 def test_padded_batches_loss_equals_unpacked(model):
     samples = random_samples(10, seed=5)
     batches = padded_batches(samples, batch_size=4, pad_id=0, group_by_length=True, seed=1)
-    assert sum(b["input_ids"].shape[0] for b in batches) == 10
+    assert sum(b.input_ids.shape[0] for b in batches) == 10
     total, count = 0.0, 0
     for b in batches:
-        loss, n = model.loss(b["input_ids"], b["labels"])
+        loss, n = model.loss(b.input_ids, b.labels)
         total, count = total + loss * n, count + n
     torch.testing.assert_close(total / count, unpacked_loss(model, samples), rtol=1e-5, atol=1e-6)
 
@@ -149,15 +149,15 @@ def test_group_by_length_reduces_padding():
     def unpadded_rows(batches):
         rows = []
         for b in batches:
-            for r in range(b["input_ids"].shape[0]):
-                ids = b["input_ids"][r]
+            for r in range(b.input_ids.shape[0]):
+                ids = b.input_ids[r]
                 n = int((ids != pad).sum())
-                assert (ids[n:] == pad).all() and (b["labels"][r, n:] == IGNORE_INDEX).all()
-                rows.append((ids[:n].tolist(), b["labels"][r, :n].tolist()))
+                assert (ids[n:] == pad).all() and (b.labels[r, n:] == IGNORE_INDEX).all()
+                rows.append((ids[:n].tolist(), b.labels[r, :n].tolist()))
         return rows
 
     def padding(batches):
-        return sum(b["input_ids"].numel() for b in batches) - sum(len(s) for s in samples)
+        return sum(b.input_ids.numel() for b in batches) - sum(len(s) for s in samples)
 
     grouped = padded_batches(samples, 8, pad_id=pad, group_by_length=True, seed=0)
     plain = padded_batches(samples, 8, pad_id=pad, group_by_length=False, seed=0)
@@ -166,3 +166,27 @@ def test_group_by_length_reduces_padding():
     assert sorted(unpadded_rows(grouped)) == expected and sorted(unpadded_rows(plain)) == expected
     in_order = padded_batches(samples, 8, pad_id=pad, group_by_length=False, seed=None)
     assert unpadded_rows(in_order) == [(s.input_ids, s.labels) for s in samples]
+
+
+@pytest.mark.parametrize("packing,group", [(True, False), (False, True), (False, False)])
+def test_instruction_source_covers_every_sample(packing, group):
+    samples = random_samples(30, seed=7)
+    source = InstructionSource(samples, batch_size=4, pad_id=VOCAB, seq_len=64, packing=packing,
+                               group_by_length=group, seed=0)
+    batches = source.batches()
+    seen = []
+    for b in batches:
+        assert (b.doc_ids is not None) == packing
+        for r in range(b.input_ids.shape[0]):
+            docs = b.doc_ids[r] if packing else torch.ones_like(b.input_ids[r])
+            for d in docs.unique().tolist():
+                keep = (docs == d) & (b.input_ids[r] != VOCAB)
+                if d != 0 and keep.any():
+                    seen.append((b.input_ids[r, keep].tolist(), b.labels[r, keep].tolist()))
+    assert sorted(seen) == sorted((s.input_ids, s.labels) for s in samples)
+    if packing:
+        assert source.items_per_batch == 4 and source.n_items < 30
+    elif group:
+        assert source.items_per_batch == 1 and source.n_items == 8
+    else:
+        assert source.items_per_batch == 4 and source.n_items == 30

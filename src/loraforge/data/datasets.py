@@ -11,7 +11,8 @@ Formats (detected from the columns unless given):
   alpaca             {"instruction", "input" (optional), "output"}   -> user / assistant
   prompt_completion  {"prompt", "completion"}                         -> user / assistant
   text               {"text"}
-`columns` maps these field names to the file's own, e.g. {"instruction": "question"}.
+`columns` maps these field names to the file's own, e.g. {"instruction": "question"} (or the
+command-line form "instruction=question,output=answer").
 
 Row numbers are 1-based: the line number in JSONL, the item number in a JSON array, the data
 row in CSV (header not counted) and Parquet. A bad row (missing field, wrong type, empty
@@ -63,7 +64,7 @@ class RecordList(list):
         self.path, self.format, self.rows_read, self.bad_rows = path, fmt, rows_read, bad_rows
 
 
-def load_records(path: str | os.PathLike, fmt: str = "auto", columns: dict[str, str] | None = None,
+def load_records(path: str | os.PathLike, fmt: str = "auto", columns: dict[str, str] | str | None = None,
                  on_bad_row: str = "skip") -> RecordList:
     """Read a .json / .jsonl / .csv / .parquet file into normalised records (see module doc)."""
     path = os.fspath(path)
@@ -71,7 +72,7 @@ def load_records(path: str | os.PathLike, fmt: str = "auto", columns: dict[str, 
         raise LoraforgeError(f"--data-format must be auto or one of {', '.join(FORMATS)}, got {fmt!r}")
     if on_bad_row not in BAD_ROW_POLICIES:
         raise LoraforgeError(f"--on-bad-row must be one of {', '.join(BAD_ROW_POLICIES)}, got {on_bad_row!r}")
-    columns = _check_columns(columns or {})
+    columns = parse_columns(columns) if isinstance(columns, str) else _check_columns(columns or {})
     if not os.path.isfile(path):
         raise file_error(path, "no such file")
     raw_rows = list(_read_rows(path))
@@ -94,6 +95,17 @@ def load_records(path: str | os.PathLike, fmt: str = "auto", columns: dict[str, 
         first = f"; first problem: {bad[0]}" if bad else ""
         raise file_error(path, f"no usable rows in {len(rows)} ({fmt} format){first}")
     return RecordList(records, path, fmt, len(rows), bad)
+
+
+def parse_columns(spec: str) -> dict[str, str]:
+    """"instruction=question,output=answer" -> {"instruction": "question", "output": "answer"}."""
+    out = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        ours, sep, theirs = part.partition("=")
+        if not sep or not ours.strip() or not theirs.strip():
+            raise LoraforgeError(f"--columns: expected FIELD=COLUMN pairs separated by commas, got {part!r}")
+        out[ours.strip()] = theirs.strip()
+    return _check_columns(out)
 
 
 def _check_columns(columns: dict[str, str]) -> dict[str, str]:

@@ -10,6 +10,7 @@ predicts the first response token and the last response token predicts EOS.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import os
 import random
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
+from loraforge.data.batch import Batch
 from loraforge.data.datasets import BadRow, load_records
 from loraforge.data.templates import EOS, Eos, Segment, Template, default_template_name, get_template
 from loraforge.errors import LoraforgeError, file_error
@@ -258,16 +260,16 @@ def build_samples(records: Sequence[dict], template: Template, tokenizer: Any, *
 
 
 def prepare_instruction_data(path: str | os.PathLike, tokenizer: Any, *, fmt: str = "auto",
-                             columns: dict[str, str] | None = None, template: str | None = None,
+                             columns: dict[str, str] | str | None = None, template: str | None = None,
                              train_on_inputs: bool = False, max_seq_length: int = 2048,
                              overflow: str = "truncate", on_bad_row: str = "skip"
                              ) -> tuple[list[Sample], InstructionData]:
     """Load, validate, render and tokenize a data file: (samples, report).
 
-    template None picks the format's default (`templates.default_template_name`).
+    template None or "auto" picks the format's default (`templates.default_template_name`).
     """
     records = load_records(path, fmt, columns, on_bad_row)
-    name = template or default_template_name(records.format, tokenizer)
+    name = template if template and template != "auto" else default_template_name(records.format, tokenizer)
     chosen = get_template(name, tokenizer)
     report = InstructionData(path=os.fspath(path), format=records.format, template=chosen.name,
                              rows_read=records.rows_read, skipped=list(records.bad_rows))
@@ -298,15 +300,8 @@ def train_eval_split(samples: Sequence[Sample], eval_split: float, seed: int = 0
 
 # -- batches ----------------------------------------------------------------------------------
 
-def pack(samples: Sequence[Sample], seq_len: int, batch_size: int = 1, pad_id: int = 0,
-         seed: int | None = 0) -> list[dict[str, torch.Tensor]]:
-    """Pack samples into rows of seq_len tokens (best-fit decreasing), several samples a row.
-
-    Each batch: input_ids, labels, doc_ids, all (batch_size, seq_len) int64 (the last batch may
-    have fewer rows). doc_ids number the samples of a row 1, 2, ... (padding 0), so
-    `CausalLM.loss(..., doc_ids=...)` keeps attention inside each sample and restarts positions:
-    no sample sees another. Rows are shuffled with `seed` (None: kept in packing order).
-    """
+def pack_rows(samples: Sequence[Sample], seq_len: int) -> list[list[Sample]]:
+    """Group samples into rows of at most seq_len tokens, best-fit decreasing (deterministic)."""
     too_long = [s.row for s in samples if len(s) > seq_len]
     if too_long:
         raise LoraforgeError(f"cannot pack samples longer than {seq_len} tokens (rows {too_long[:5]}); "
@@ -322,56 +317,131 @@ def pack(samples: Sequence[Sample], seq_len: int, batch_size: int = 1, pad_id: i
         else:
             rows.append([s])
             bisect.insort(free, (seq_len - len(s), len(rows) - 1))
+    return rows
+
+
+def collate_packed(rows: Sequence[Sequence[Sample]], seq_len: int, pad_id: int) -> Batch:
+    """Packed rows -> Batch (B, seq_len) with doc_ids 1, 2, ... per sample of a row, 0 on padding."""
+    input_ids = torch.full((len(rows), seq_len), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), seq_len), IGNORE_INDEX, dtype=torch.long)
+    doc_ids = torch.zeros((len(rows), seq_len), dtype=torch.long)
+    for r, row in enumerate(rows):
+        t = 0
+        for d, s in enumerate(row, start=1):
+            n = len(s)
+            input_ids[r, t:t + n] = torch.tensor(s.input_ids)
+            labels[r, t:t + n] = torch.tensor(s.labels)
+            doc_ids[r, t:t + n] = d
+            t += n
+    return Batch(input_ids, labels, doc_ids)
+
+
+def collate_padded(samples: Sequence[Sample], pad_id: int) -> Batch:
+    """Samples -> Batch (B, longest) right-padded with pad_id and label -100; doc_ids None.
+
+    Right padding needs no attention mask: causal attention never looks ahead."""
+    width = max(len(s) for s in samples)
+    input_ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
+    for r, s in enumerate(samples):
+        input_ids[r, :len(s)] = torch.tensor(s.input_ids)
+        labels[r, :len(s)] = torch.tensor(s.labels)
+    return Batch(input_ids, labels)
+
+
+def length_groups(lengths: Sequence[int], batch_size: int, seed: int | None = 0) -> list[list[int]]:
+    """Indices in batches of similar length, as transformers' group_by_length: shuffle, sort
+    within mega-batches of 50 batches (longest first), cut into batches, shuffle the batches.
+    seed None: no shuffling (sorted mega-batches in the given order)."""
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    if seed is not None:
+        rng.shuffle(order)
+    mega = batch_size * 50
+    order = [i for m in range(0, len(order), mega)
+             for i in sorted(order[m:m + mega], key=lambda i: lengths[i], reverse=True)]
+    groups = [order[b:b + batch_size] for b in range(0, len(order), batch_size)]
+    if seed is not None:
+        rng.shuffle(groups)
+    return groups
+
+
+def pack(samples: Sequence[Sample], seq_len: int, batch_size: int = 1, pad_id: int = 0,
+         seed: int | None = 0) -> list[Batch]:
+    """Pack samples into rows of seq_len tokens, several samples a row; batches of batch_size rows
+    (the last may have fewer). Each Batch has input_ids, labels, doc_ids (B, seq_len) int64;
+    `CausalLM.loss(..., doc_ids=...)` keeps attention inside each sample and restarts positions,
+    so no sample sees another. Rows are shuffled with seed (None: kept in packing order)."""
+    rows = pack_rows(samples, seq_len)
     if seed is not None:
         random.Random(seed).shuffle(rows)
-    batches = []
-    for b in range(0, len(rows), batch_size):
-        group = rows[b:b + batch_size]
-        input_ids = torch.full((len(group), seq_len), pad_id, dtype=torch.long)
-        labels = torch.full((len(group), seq_len), IGNORE_INDEX, dtype=torch.long)
-        doc_ids = torch.zeros((len(group), seq_len), dtype=torch.long)
-        for r, row in enumerate(group):
-            t = 0
-            for d, s in enumerate(row, start=1):
-                n = len(s)
-                input_ids[r, t:t + n] = torch.tensor(s.input_ids)
-                labels[r, t:t + n] = torch.tensor(s.labels)
-                doc_ids[r, t:t + n] = d
-                t += n
-        batches.append({"input_ids": input_ids, "labels": labels, "doc_ids": doc_ids})
-    return batches
+    return [collate_packed(rows[b:b + batch_size], seq_len, pad_id) for b in range(0, len(rows), batch_size)]
 
 
 def padded_batches(samples: Sequence[Sample], batch_size: int, pad_id: int, group_by_length: bool = True,
-                   seed: int | None = 0) -> list[dict[str, torch.Tensor]]:
-    """One sample a row, right-padded to the longest in its batch: input_ids, labels (B, T) int64.
+                   seed: int | None = 0) -> list[Batch]:
+    """One sample a row, right-padded to the longest of its batch: input_ids, labels (B, T) int64.
 
-    Right padding needs no attention mask: causal attention never looks ahead, and padded
-    positions have label -100. group_by_length puts samples of similar length together
-    (sorted within shuffled groups of 50 batches, then the batches shuffled), as transformers'
-    group_by_length does. seed None keeps the given order.
-    """
+    group_by_length puts samples of similar length together (`length_groups`); otherwise the
+    samples are shuffled with seed (None: the given order) and cut into batches."""
     if batch_size < 1:
         raise LoraforgeError(f"batch size must be at least 1, got {batch_size}")
-    rng = random.Random(seed)
-    order = list(range(len(samples)))
-    if seed is not None:
-        rng.shuffle(order)
     if group_by_length:
-        mega = batch_size * 50
-        order = [i for m in range(0, len(order), mega)
-                 for i in sorted(order[m:m + mega], key=lambda i: len(samples[i]), reverse=True)]
-    groups = [order[b:b + batch_size] for b in range(0, len(order), batch_size)]
-    if group_by_length and seed is not None:
-        rng.shuffle(groups)
-    batches = []
-    for group in groups:
-        width = max(len(samples[i]) for i in group)
-        input_ids = torch.full((len(group), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(group), width), IGNORE_INDEX, dtype=torch.long)
-        for r, i in enumerate(group):
-            s = samples[i]
-            input_ids[r, :len(s)] = torch.tensor(s.input_ids)
-            labels[r, :len(s)] = torch.tensor(s.labels)
-        batches.append({"input_ids": input_ids, "labels": labels})
-    return batches
+        groups = length_groups([len(s) for s in samples], batch_size, seed)
+    else:
+        order = list(range(len(samples)))
+        if seed is not None:
+            random.Random(seed).shuffle(order)
+        groups = [order[b:b + batch_size] for b in range(0, len(order), batch_size)]
+    return [collate_padded([samples[i] for i in g], pad_id) for g in groups]
+
+
+class InstructionSource:
+    """Samples as a `train.loop.BatchSource`: the loop picks item ids, `make_batch` builds the Batch.
+
+    packing: an item is a packed row of seq_len tokens; items_per_batch = batch_size.
+    group_by_length (no packing): an item is a whole batch of similar-length samples (fixed at
+    construction from seed; the loop shuffles their order each epoch); items_per_batch = 1.
+    otherwise: an item is one sample; items_per_batch = batch_size.
+    """
+
+    def __init__(self, samples: Sequence[Sample], batch_size: int, pad_id: int, seq_len: int = 0,
+                 packing: bool = False, group_by_length: bool = True, seed: int = 0) -> None:
+        if not samples:
+            raise LoraforgeError("no samples to train on")
+        if batch_size < 1:
+            raise LoraforgeError(f"batch size must be at least 1, got {batch_size}")
+        self.samples, self.pad_id, self.packing = list(samples), pad_id, packing
+        self.seq_len = seq_len or max(len(s) for s in self.samples)
+        self.rows: list[list[Sample]] = []
+        self.groups: list[list[int]] = []
+        if packing:
+            self.rows = pack_rows(self.samples, self.seq_len)
+            self.n_items, self.items_per_batch = len(self.rows), batch_size
+        elif group_by_length:
+            self.groups = length_groups([len(s) for s in self.samples], batch_size, seed)
+            self.n_items, self.items_per_batch = len(self.groups), 1
+        else:
+            self.n_items, self.items_per_batch = len(self.samples), batch_size
+
+    def make_batch(self, item_ids: list[int]) -> Batch:
+        if self.packing:
+            return collate_packed([self.rows[i] for i in item_ids], self.seq_len, self.pad_id)
+        if self.groups:
+            return collate_padded([self.samples[j] for i in item_ids for j in self.groups[i]], self.pad_id)
+        return collate_padded([self.samples[i] for i in item_ids], self.pad_id)
+
+    def batches(self) -> list[Batch]:
+        """Every item once, in order (for evaluation)."""
+        return [self.make_batch(list(range(b, min(b + self.items_per_batch, self.n_items))))
+                for b in range(0, self.n_items, self.items_per_batch)]
+
+
+def samples_fingerprint(samples: Sequence[Sample]) -> str:
+    """A short hash of the samples' ids and labels (to check a resumed run uses the same data)."""
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(len(s).to_bytes(4, "little"))
+        h.update(b"".join(int(t).to_bytes(4, "little", signed=True) for t in s.input_ids))
+        h.update(b"".join(int(t).to_bytes(4, "little", signed=True) for t in s.labels))
+    return h.hexdigest()[:16]
