@@ -36,12 +36,30 @@ NF4_CODE = (
 )
 
 
+_TABLES: dict[tuple[str, str], torch.Tensor] = {}
+
+
+def _cached(name: str, device: torch.device | str | None, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """A small constant table, built once per device (dequantization runs every forward)."""
+    key = (name, str(torch.device(device) if device is not None else torch.device("cpu")))
+    table = _TABLES.get(key)
+    if table is None:
+        # built on the CPU outside any inference-mode or meta-device context, then moved
+        with torch.inference_mode(False), torch.device("cpu"):
+            table = _TABLES[key] = make().to(key[1])
+    return table
+
+
 def nf4_code(device: torch.device | str | None = None) -> torch.Tensor:
     """The NF4 codebook (16,) float32, ascending."""
-    return torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
+    return _cached("nf4", device, lambda: torch.tensor(NF4_CODE, dtype=torch.float32))
 
 
 def dynamic_map(device: torch.device | str | None = None) -> torch.Tensor:
+    return _cached("dynamic", device, _make_dynamic_map)
+
+
+def _make_dynamic_map() -> torch.Tensor:
     """bitsandbytes' signed 8-bit dynamic map (256,) float32, ascending, in [-0.993, 1].
 
     Seven decades 10^-6 .. 10^0; decade i holds 2^i linearly spaced fractions (midpoints of
@@ -55,7 +73,7 @@ def dynamic_map(device: torch.device | str | None = None) -> torch.Tensor:
         decade = (10 ** (-6 + i)) * means
         values += decade.tolist() + (-decade).tolist()
     values += [0.0, 1.0]
-    return torch.tensor(sorted(values), dtype=torch.float32, device=device)
+    return torch.tensor(sorted(values), dtype=torch.float32)
 
 
 def _nearest_code(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
@@ -139,9 +157,12 @@ class NF4Tensor:
 
 def _pair_table(device: torch.device) -> torch.Tensor:
     """(256, 2) float32: the two NF4 values (high nibble, low nibble) of every byte."""
-    code = nf4_code(device)
-    byte = torch.arange(256, device=device)
-    return torch.stack((code[byte >> 4], code[byte & 15]), dim=1)
+    def make() -> torch.Tensor:
+        code = nf4_code()
+        byte = torch.arange(256)
+        return torch.stack((code[byte >> 4], code[byte & 15]), dim=1)
+
+    return _cached("nf4_pairs", device, make)
 
 
 def dequantize_nf4(packed: torch.Tensor, qabsmax: torch.Tensor, absmax2: torch.Tensor,
