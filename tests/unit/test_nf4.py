@@ -10,7 +10,7 @@ from torch import nn
 
 from loraforge.errors import LoraforgeError
 from loraforge.quant.nf4 import (NF4_CODE, NF4Linear, NF4Tensor, dequantize_blockwise_8bit, dynamic_map,
-                                 quantize_blockwise_8bit, quantize_model)
+                                 nf4_memory, quantize_blockwise_8bit, quantize_model)
 
 # QLoRA paper (Dettmers et al. 2023), Appendix E: the exact NF4 values.
 PAPER_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -285,6 +285,7 @@ def test_quantize_model_logits_memory_and_lora(tiny_hf_factory):
     nf4_bytes = sum(q.get_submodule(n).quantized_nbytes() for n in names)
     bf16_bytes = sum(dense.get_submodule(n).weight.numel() * 2 for n in names)
     assert 0.25 < nf4_bytes / bf16_bytes < 0.27  # 4.127 bits a weight vs 16
+    assert nf4_memory(q) == (nf4_bytes, bf16_bytes)
 
     lora.inject(q, lora.LoraConfig(r=4, alpha=8))
     trainable = [n for n, p in q.named_parameters() if p.requires_grad]

@@ -298,3 +298,10 @@ def quantize_model(model: nn.Module, quantize: str, compute_dtype: torch.dtype |
         setattr(parent, child, NF4Linear.from_linear(module, compute_dtype))
         count += 1
     return count
+
+
+def nf4_memory(model: nn.Module) -> tuple[int, int]:
+    """(bytes the model's NF4 weights hold, bytes the same weights would take in bf16)."""
+    layers = [m for m in model.modules() if isinstance(m, NF4Linear)]
+    return (sum(m.quantized_nbytes() for m in layers),
+            sum(2 * m.in_features * m.out_features for m in layers))
