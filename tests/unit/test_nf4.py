@@ -229,6 +229,7 @@ def test_dtype_casts_keep_fp32_scales():
     assert layer.compute_dtype == torch.float32
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_computes_in_bf16():
     layer = NF4Linear.from_linear(nn.Linear(256, 128).cuda())
