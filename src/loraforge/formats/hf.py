@@ -43,6 +43,25 @@ def safetensors_files(folder: str | os.PathLike) -> list[str]:
     return [os.path.join(folder, n) for n in shards]
 
 
+def read_safetensors_header(path: str | os.PathLike) -> dict[str, dict]:
+    """{name: {"dtype": "F32", "shape": [...], ...}} from a safetensors file's JSON header (no tensor data read)."""
+    path = os.fspath(path)
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n <= 0 or 8 + n > size:
+            raise file_error(path, "not a safetensors file (bad header length)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise file_error(path, f"not a safetensors file (header is not JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise file_error(path, "not a safetensors file (header is not a JSON object)")
+    header.pop("__metadata__", None)
+    return header
+
+
 def iter_tensors(folder: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for every weight, memory-mapped, one at a time."""
     from safetensors import SafetensorError, safe_open

@@ -1,0 +1,102 @@
+"""SmolLM2 with its base weights kept as ggml blocks (`base_dtype="quantized"`): the same logits as
+the dequantized float32 model, and a fraction of its memory (each load measured in a fresh process).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import loraforge
+from loraforge.loader import load_model
+from loraforge.quant.linear import QuantEmbedding, QuantLinear
+
+PROMPTS = ["The quick brown fox jumps over the lazy dog.",
+           "To be, or not to be, that is the question: whether 'tis nobler in the mind"]
+
+
+@pytest.fixture(scope="module")
+def smollm2_quantized(smollm2_path):
+    return load_model(smollm2_path, base_dtype="quantized")
+
+
+def test_quantized_modules_hold_the_file_blocks(smollm2_quantized):
+    model = smollm2_quantized.model
+    assert smollm2_quantized.base_dtype == "quantized"
+    linears = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert len(linears) == 30 * 7 + 1  # every projection, and the tied LM head over token_embd
+    assert isinstance(model.model.embed_tokens, QuantEmbedding)
+    assert model.lm_head.raw.data_ptr() == model.model.embed_tokens.raw.data_ptr()  # tied: one buffer
+    dense = [n for n, p in model.named_parameters() if p.ndim > 1]
+    assert dense == []  # no float matrix anywhere
+    raw_bytes = sum(m.raw.numel() for m in linears if m is not model.lm_head) + model.model.embed_tokens.raw.numel()
+    file_bytes = os.path.getsize(smollm2_quantized.source)
+    assert 0.9 * file_bytes < raw_bytes < file_bytes
+
+
+def test_quantized_logits_equal_dequantized(smollm2_quantized, smollm2_f32):
+    worst = 0.0
+    for prompt in PROMPTS:
+        ids = torch.tensor([smollm2_f32.tokenizer.encode(prompt)])
+        with torch.no_grad():
+            dense = smollm2_f32.model(ids)
+            quant = smollm2_quantized.model(ids)
+        worst = max(worst, (dense - quant).abs().max().item())
+    print(f"\nquantized vs dequantized f32 SmolLM2: max |logit diff| = {worst:.3g}")
+    assert worst < 1e-4
+
+
+def test_quantized_input_gradients_equal_dequantized(smollm2_quantized, smollm2_f32):
+    """Backward through the frozen quantized base gives the dense model's input gradients."""
+    ids = torch.tensor([smollm2_f32.tokenizer.encode(PROMPTS[0])])
+    grads = []
+    for loaded in (smollm2_f32, smollm2_quantized):
+        emb = loaded.model.model.embed_tokens(ids).detach().requires_grad_(True)
+        layer = loaded.model.model.layers[0]
+        cos, sin = loaded.model.rope(torch.arange(ids.shape[1])[None], emb.dtype)
+        out = layer(emb, cos, sin, {None: None}, None, 0)
+        out.square().sum().backward()
+        grads.append(emb.grad)
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-5)
+
+
+_MEASURE = r"""
+import json, resource, sys
+def peak():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+import torch
+import loraforge.formats.gguf, loraforge.quant.linear, loraforge.tokenizer
+from loraforge.loader import load_model
+before = peak()
+loaded = load_model(sys.argv[1], base_dtype=sys.argv[2])
+print(json.dumps({"before": before, "after": peak()}))
+"""
+
+
+def _peak_rss(path: str, base_dtype: str) -> dict[str, int]:
+    src = os.path.dirname(os.path.dirname(loraforge.__file__))
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run([sys.executable, "-c", _MEASURE, path, base_dtype], capture_output=True, text=True,
+                         env=env, timeout=600, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_quantized_load_peak_memory_far_below_dense(smollm2_path):
+    dense = _peak_rss(smollm2_path, "f32")
+    quant = _peak_rss(smollm2_path, "quantized")
+    mib = 1 << 20
+    print(f"\npeak RSS loading SmolLM2: f32 {dense['after'] / mib:.0f} MiB "
+          f"(+{(dense['after'] - dense['before']) / mib:.0f} over imports), quantized {quant['after'] / mib:.0f} MiB "
+          f"(+{(quant['after'] - quant['before']) / mib:.0f})")
+    assert quant["after"] < 0.5 * dense["after"]
+    assert quant["after"] - quant["before"] < 0.3 * (dense["after"] - dense["before"])
