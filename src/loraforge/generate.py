@@ -139,22 +139,23 @@ class KVSession:
             raise LoraforgeError(f"--ctx-size must be positive, got {ctx_size}")
         self.model = model
         self.ctx_size = ctx_size
-        self.cache = KVCache(model.config, 1, ctx_size, model_device(model), activation_dtype(model))
+        self.dtype = activation_dtype(model)
+        self.cache = KVCache(model.config, 1, ctx_size, model_device(model), self.dtype)
         self.tokens: list[int] = []
         self.last_run_tokens = 0  # tokens the last feed actually ran through the model
 
     @torch.no_grad()
     def feed(self, ids: Sequence[int]) -> torch.Tensor:
         """Logits (V,) after the last of ids; ids must fit the context."""
-        ids = list(ids)
+        ids = [int(t) for t in ids]
         if not ids:
             raise LoraforgeError("nothing to evaluate: the prompt is empty")
         if len(ids) > self.ctx_size:
             raise LoraforgeError(f"the prompt is {len(ids)} tokens, longer than the context "
                                  f"({self.ctx_size} tokens; raise --ctx-size)")
         n_vocab = self.model.config.vocab_size
-        bad = next((t for t in ids if not 0 <= t < n_vocab), None)
-        if bad is not None:
+        if min(ids) < 0 or max(ids) >= n_vocab:
+            bad = next(t for t in ids if not 0 <= t < n_vocab)
             raise LoraforgeError(f"token id {bad} is outside the model's vocabulary of {n_vocab}")
         reuse = 0
         for a, b in zip(self.tokens, ids):
@@ -162,15 +163,27 @@ class KVSession:
                 break
             reuse += 1
         reuse = min(reuse, len(ids) - 1)  # at least one token runs, for its logits
-        self.last_run_tokens = len(ids) - reuse
-        new = torch.tensor(ids[reuse:], dtype=torch.long, device=self.cache.k.device)[None]
-        hidden = self.model.hidden_states(new, cache=self.cache, start_pos=reuse)  # (1, T, C)
-        self.tokens = ids
-        return self.model.lm_head(hidden[:, -1]).float()[0]
+        self.tokens = self.tokens[:reuse]
+        return self._run(ids[reuse:])
 
+    @torch.no_grad()
     def step(self, token: int) -> torch.Tensor:
-        """Append one token; logits (V,) after it."""
-        return self.feed(self.tokens + [token])
+        """Append one token to what is cached; logits (V,) after it."""
+        if len(self.tokens) >= self.ctx_size:
+            raise LoraforgeError(f"the context is full ({self.ctx_size} tokens; raise --ctx-size)")
+        return self._run([int(token)])
+
+    def _run(self, new: list[int]) -> torch.Tensor:
+        start = len(self.tokens)
+        device = self.cache.k.device
+        x = torch.tensor(new, dtype=torch.long, device=device)[None]
+        # half-precision weights next to float32 norms: autocast keeps every matmul in one dtype
+        with torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            hidden = self.model.hidden_states(x, cache=self.cache, start_pos=start)  # (1, T, C)
+            logits = self.model.lm_head(hidden[:, -1]).float()[0]
+        self.tokens.extend(new)
+        self.last_run_tokens = len(new)
+        return logits
 
 
 # -- generation ---------------------------------------------------------------------------------

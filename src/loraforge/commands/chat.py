@@ -191,7 +191,14 @@ def run(args: argparse.Namespace) -> int:
                   "/exit or Ctrl-D to leave)", file=sys.stderr)
         for message in _input_lines(interactive):
             chat.messages.append({"role": "user", "content": message})
-            chat.reply()
+            try:
+                chat.reply()
+            except KeyboardInterrupt:
+                if not interactive:
+                    raise
+                chat.messages.pop()  # Ctrl-C stops this reply; the chat goes on without the turn
+                chat.write("\n")
+                print("(reply interrupted)", file=sys.stderr)
     if chat.stats.prompt_tokens or chat.stats.generated_tokens:
         print(chat.stats.report(), file=sys.stderr)
     return 0
