@@ -22,7 +22,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "merge": ("merge", "merge adapters into a base model (GGUF or HF folder)"),
     "inspect": ("inspect", "describe a model, adapter or checkpoint file"),
     "eval": ("evaluate", "loss and perplexity of a model (+adapters) on a text or dataset"),
-    "bench": ("bench", "time training steps"),
 }
 
 

@@ -106,7 +106,7 @@ class Finetune:
                         cos_restart=a.cos_decay_restart, enable_restart=a.enable_restart)
 
     # -- data ------------------------------------------------------------------------------------
-    def build_data(self, loaded) -> tuple[Any, Any, str, dict[str, Any]]:
+    def build_data(self, loaded, seed: int) -> tuple[Any, Any, str, dict[str, Any]]:
         """(train source, eval source or None, data fingerprint, report numbers)."""
         from loraforge.commands.finetune import DATASET_SUFFIXES
 
@@ -115,7 +115,7 @@ class Finetune:
         if os.path.splitext(path)[1].lower() in DATASET_SUFFIXES and a.data_format != "text":
             from loraforge.data.sources import build_instruction_sources
 
-            return build_instruction_sources(a, path, loaded.tokenizer, out, warn)
+            return build_instruction_sources(a, path, loaded.tokenizer, seed, out)
         return self._text_data(path, loaded)
 
     def _text_data(self, path: str, loaded) -> tuple[Any, Any, str, dict[str, Any]]:
@@ -164,7 +164,7 @@ class Finetune:
             f"n_ff {cfg.intermediate_size}, n_vocab {cfg.vocab_size}; base kept as {loaded.base_dtype} "
             f"on {self.device})")
         lora_cfg = self.lora_config(cfg.tie_word_embeddings)
-        source, eval_source, data_fp, _ = self.build_data(loaded)
+        source, eval_source, data_fp, _ = self.build_data(loaded, seed)
         if source.n_items == 0:
             raise LoraforgeError("no training samples (the data is shorter than --ctx?)")
 
