@@ -181,13 +181,15 @@ def tiny_gguf_tokenizer(vocab_size: int = TINY_CONFIG["vocab_size"]) -> dict[str
 
 def write_gguf(path: str | os.PathLike, hf_config: dict[str, Any], tensors: dict[str, Any], arch: str | None = None,
                tokenizer: dict[str, Any] | None = None, rope_freqs: Any = None,
-               extra_metadata: dict[str, Any] | None = None) -> str:
-    """Write a float32 GGUF model the way llama.cpp's converter lays it out.
+               extra_metadata: dict[str, Any] | None = None, qtype: int | None = None) -> str:
+    """Write a GGUF model the way llama.cpp's converter lays it out (float32, or `qtype` blocks).
 
     hf_config: config.json values (model_type, sizes ...); tensors: HF name -> float array (out, in);
     arch: GGUF general.architecture (default: model_type); q/k rows are permuted for llama-arch files;
     tokenizer: `tiny_gguf_tokenizer()`-style keys (default: that tokenizer for the config's vocab);
-    rope_freqs: llama3 per-frequency divisors (head_dim/2,) stored as rope_freqs.weight.
+    rope_freqs: llama3 per-frequency divisors (head_dim/2,) stored as rope_freqs.weight;
+    qtype: a gguf.GGMLQuantizationType for the matrices whose rows are whole blocks (gguf.quants),
+    the others stay float32 as in llama.cpp's converter.
     """
     import gguf
     import numpy as np
@@ -239,7 +241,11 @@ def write_gguf(path: str | os.PathLike, hf_config: dict[str, Any], tensors: dict
         n = qk_heads(name, heads, kv_heads)
         if permute and n is not None:
             array = np.ascontiguousarray(permute_qk_hf_to_gguf(array, n))
-        w.add_tensor(hf_to_gguf_name(name), array)
+        block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)][0] if qtype is not None else 0
+        if block and array.ndim == 2 and array.shape[1] % block == 0:
+            w.add_tensor(hf_to_gguf_name(name), gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(hf_to_gguf_name(name), array)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -223,3 +223,21 @@ def test_packed_loss_equals_mean_of_separate_losses(tiny_hf_factory):
             count += len(d) - 1
     assert n == count
     assert abs(loss.item() - total / count) < 1e-5
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_hf_factory):
+    """Recomputing layers in backward (masks, rope and a sliding window passed through) changes nothing."""
+    _, folder = tiny_hf_factory(**TINY_CASES["mistral-window"])
+    gen = torch.Generator().manual_seed(8)
+    ids = torch.randint(0, 260, (2, 20), generator=gen)
+    doc_ids = torch.tensor([[0] * 12 + [1] * 8, [0] * 20])
+    grads = []
+    for checkpointing in (False, True):
+        model = load_model(folder, base_dtype="f32").model
+        model.requires_grad_(True).train()
+        model.gradient_checkpointing = checkpointing
+        loss, _ = model.loss(ids, ids.roll(-1, dims=1), doc_ids=doc_ids)
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-7, msg=name)

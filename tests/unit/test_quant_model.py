@@ -100,3 +100,26 @@ def test_quantized_load_peak_memory_far_below_dense(smollm2_path):
           f"(+{(quant['after'] - quant['before']) / mib:.0f})")
     assert quant["after"] < 0.5 * dense["after"]
     assert quant["after"] - quant["before"] < 0.3 * (dense["after"] - dense["before"])
+
+
+@pytest.mark.parametrize("arch, qtype_name, tied", [("llama", "Q4_0", False), ("qwen2", "Q8_0", False),
+                                                     ("llama", "Q5_1", True)])
+def test_tiny_quantized_gguf_same_logits(tiny_hf_factory, gguf_writer, tmp_path, arch, qtype_name, tied):
+    """Untied quantized LM head, Qwen2 q/k/v biases on quantized projections, tied quantized table."""
+    import gguf
+
+    hf_model, folder = tiny_hf_factory(arch, tie_word_embeddings=tied)
+    config = json.loads(open(os.path.join(folder, "config.json"), encoding="utf-8").read())
+    tensors = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
+    path = gguf_writer(tmp_path / "q.gguf", config, tensors, qtype=int(gguf.GGMLQuantizationType[qtype_name]))
+    dense = load_model(path, base_dtype="f32").model
+    quant = load_model(path, base_dtype="quantized").model
+    assert isinstance(quant.lm_head, QuantLinear) and isinstance(quant.model.embed_tokens, QuantEmbedding)
+    q_proj = quant.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, QuantLinear) and (q_proj.bias is not None) == (arch == "qwen2")
+    assert not isinstance(quant.model.layers[0].mlp.down_proj, QuantLinear)  # 112-wide rows stay float
+    ids = torch.randint(0, 260, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b, ref = dense(ids), quant(ids), hf_model(ids).logits
+    assert (a - b).abs().max().item() < 1e-5
+    assert 1e-4 < (a - ref).abs().max().item() < 0.5  # really quantized, and still the same model
