@@ -52,7 +52,7 @@ def open_reader_checks(path: str) -> None:
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != GGUF_MAGIC:
-        if magic == b"algg"[::-1] or magic == b"ggla":
+        if magic in (b"algg", b"ggla"):  # the uint32 0x67676c61 of old finetune adapters
             raise file_error(path, "is an old llama.cpp 'ggla' LoRA file, not a GGUF model "
                                    "(convert it with `loraforge export`)")
         raise file_error(path, f"not a GGUF file (starts with {magic!r}, expected b'GGUF')")
