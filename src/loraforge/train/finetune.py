@@ -207,12 +207,13 @@ class Finetune:
                 out(f"eval: iter={st.iteration} eval_loss={loss:.6f} ppl={ppl:.3f}")
                 metrics.write({"iter": st.iteration, "eval_loss": loss, "eval_ppl": ppl})
 
-        printer = _StepPrinter(metrics)
+        printer = _StepPrinter(metrics, n_iter)
         opts = LoopOptions(n_iter=n_iter, lr=a.lr, grad_acc=a.grad_acc, grad_clip=a.grad_clip,
                            save_every=a.save_every, eval_every=a.eval_every, device=str(self.device))
         started, tokens_before = time.perf_counter(), state.tokens_seen
         state = train(model, source, optimizer, schedule, opts, state, printer, saver.save, evaluator)
         elapsed = time.perf_counter() - started
+        printer.close()
         if evaluator is not None and (not a.eval_every or state.iteration % a.eval_every):
             evaluator(state)
         if a.peft_out:
@@ -317,9 +318,18 @@ class _Metrics:
 class _StepPrinter:
     """Per-iteration lines like llama.cpp's train_opt_callback, plus a progress bar on a terminal."""
 
-    def __init__(self, metrics: _Metrics) -> None:
+    def __init__(self, metrics: _Metrics, n_iter: int) -> None:
         self.metrics = metrics
         self.prev_loss: float | None = None
+        self.bar = None
+        if sys.stderr.isatty() and n_iter > 0:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=n_iter, unit="it", dynamic_ncols=True, leave=False, file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
     def __call__(self, log: StepLog) -> None:
         bar = ""
@@ -327,8 +337,14 @@ class _StepPrinter:
             improvement = self.prev_loss - log.loss
             bar = "|" + "-" * max(0, int(1 + improvement * 10 + 0.5)) + ">"
         self.prev_loss = log.loss
-        out(f"train_opt_callback: iter={log.iteration:6d} sample={log.sample}/{log.n_items} "
-            f"sched={log.sched:.6f} loss={log.loss:.6f} dt={format_hms(log.dt)} eta={format_hms(log.eta)} {bar}")
+        line = (f"train_opt_callback: iter={log.iteration:6d} sample={log.sample}/{log.n_items} "
+                f"sched={log.sched:.6f} loss={log.loss:.6f} dt={format_hms(log.dt)} eta={format_hms(log.eta)} {bar}")
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stdout)
+            self.bar.set_postfix(loss=f"{log.loss:.4f}")
+            self.bar.update(1)
+        else:
+            out(line)
         self.metrics.write({"iter": log.iteration, "sample": log.sample, "epoch": log.epoch, "sched": log.sched,
                             "lr": log.lr, "loss": log.loss, "grad_norm": log.grad_norm, "tokens": log.tokens,
                             "dt": log.dt, "eta": log.eta})
