@@ -80,12 +80,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, start_pos)
-        if self.n_kv_head != self.n_head:
-            rep = self.n_head // self.n_kv_head
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
         causal = mask is None and t > 1 and start_pos == 0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        # grouped-query attention without copying k/v per query head
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=self.n_kv_head != self.n_head)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_head * self.head_dim))
 
 
@@ -183,7 +181,7 @@ class CausalLM(nn.Module):
         return self.lm_head(h).float()
 
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, doc_ids: torch.Tensor | None = None,
-             position_ids: torch.Tensor | None = None, chunk_tokens: int = 4096) -> tuple[torch.Tensor, int]:
+             position_ids: torch.Tensor | None = None, chunk_tokens: int = 1024) -> tuple[torch.Tensor, int]:
         """Mean next-token cross-entropy over labels != -100, and the count of those tokens.
 
         labels (B, T) are already aligned: labels[b, t] is the token that should follow input_ids[b, t].
@@ -233,7 +231,7 @@ def _chunk_loss_sum(h: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module) -
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module,
-                          chunk_tokens: int = 4096) -> tuple[torch.Tensor, int]:
+                          chunk_tokens: int = 1024) -> tuple[torch.Tensor, int]:
     """Cross-entropy of lm_head(hidden) (N, C) against labels (N,), never holding all N x V logits.
 
     Each chunk's logits are recomputed in backward (checkpointed), so peak memory is one chunk's.

@@ -88,14 +88,14 @@ def _dequant_q4_0(blocks: torch.Tensor) -> torch.Tensor:
     """Q4_0 (18 bytes): f16 d, 16 bytes of 4-bit q; w = d * (q - 8)."""
     d = _f16_field(blocks, 0)
     q = _unpack_bits(blocks[:, 2:], 16, _LOW_HIGH_NIBBLE, 0x0F)
-    return d * (q.to(torch.int8) - 8).float()
+    return (q.to(torch.int8) - 8).float().mul_(d)  # in place: no second full-size tensor
 
 
 def _dequant_q4_1(blocks: torch.Tensor) -> torch.Tensor:
     """Q4_1 (20 bytes): f16 d, f16 m, 16 bytes of 4-bit q; w = d * q + m."""
     d, m = _f16_field(blocks, 0), _f16_field(blocks, 2)
     q = _unpack_bits(blocks[:, 4:], 16, _LOW_HIGH_NIBBLE, 0x0F)
-    return d * q.float() + m
+    return q.float().mul_(d).add_(m)
 
 
 def _q5_values(qh: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
@@ -109,21 +109,20 @@ def _dequant_q5_0(blocks: torch.Tensor) -> torch.Tensor:
     """Q5_0 (22 bytes): f16 d, u32 high bits, 16 nibble bytes; w = d * (q - 16)."""
     d = _f16_field(blocks, 0)
     q = _q5_values(blocks[:, 2:6], blocks[:, 6:])
-    return d * (q.to(torch.int8) - 16).float()
+    return (q.to(torch.int8) - 16).float().mul_(d)
 
 
 def _dequant_q5_1(blocks: torch.Tensor) -> torch.Tensor:
     """Q5_1 (24 bytes): f16 d, f16 m, u32 high bits, 16 nibble bytes; w = d * q + m."""
     d, m = _f16_field(blocks, 0), _f16_field(blocks, 2)
     q = _q5_values(blocks[:, 4:8], blocks[:, 8:])
-    return d * q.float() + m
+    return q.float().mul_(d).add_(m)
 
 
 def _dequant_q8_0(blocks: torch.Tensor) -> torch.Tensor:
     """Q8_0 (34 bytes): f16 d, 32 int8 q; w = q * d."""
     d = _f16_field(blocks, 0)
-    q = blocks[:, 2:].view(torch.int8).float()
-    return q * d
+    return blocks[:, 2:].view(torch.int8).float().mul_(d)
 
 
 # ---------------------------------------------------------------------------------------
