@@ -292,18 +292,29 @@ def generate_tokens(model: CausalLM, prompt_ids: Sequence[int], n_predict: int, 
 
 # -- text streaming -----------------------------------------------------------------------------
 
-def stream_text(tokenizer: Any, token_ids: Iterable[int], skip_special: bool = True) -> Iterator[str]:
+# a UTF-8 character is at most 4 bytes, so at most 3 more byte tokens complete one
+MAX_TOKENS_TO_FINISH_CHARACTER = 3
+
+
+def stream_text(tokenizer: Any, token_ids: Iterable[int], skip_special: bool = True,
+                limit: int | None = None) -> Iterator[str]:
     """Text chunks of token_ids as they arrive; a multi-byte UTF-8 character split across tokens
     is held back until complete, so no chunk ever ends inside a character. The chunks joined
     equal `tokenizer.decode(ids, skip_special)`. Control tokens are not shown (llama.cpp's default).
+
+    limit: stop after this many tokens, unless the last one left a character unfinished; then
+    take up to MAX_TOKENS_TO_FINISH_CHARACTER more (token_ids should offer them) to finish it.
     """
     from loraforge.tokenizer import StreamDecoder
 
     decoder = StreamDecoder(tokenizer, skip_special=skip_special)
-    for token in token_ids:
+    for n, token in enumerate(token_ids, 1):
         text = decoder.push(token)
         if text:
             yield text
+        if limit is not None and n >= limit and (not decoder.pending
+                                                 or n >= limit + MAX_TOKENS_TO_FINISH_CHARACTER):
+            break
     tail = decoder.flush()
     if tail:
         yield tail

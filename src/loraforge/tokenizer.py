@@ -452,6 +452,11 @@ class StreamDecoder:
                 piece = piece[1:]
         return self._utf8.decode(piece)
 
+    @property
+    def pending(self) -> bool:
+        """True while the bytes of an unfinished UTF-8 character are held back."""
+        return bool(self._utf8.getstate()[0])
+
     def flush(self) -> str:
         """Whatever is held back (an unfinished character becomes U+FFFD); resets the decoder."""
         text = self._utf8.decode(b"", final=True)

@@ -109,7 +109,7 @@ def test_korean_and_chinese_train_and_generate(kind: str, tmp_path: Path, smollm
                 {"instruction": "한국의 수도는 어디인가요?", "input": "", "output": "한국의 수도는 서울입니다."}] * 4
         data = tmp_path / "ko.json"
         data.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
-        args += ["--train-data", str(data), "--template", str(template), "--max-seq-length", "192"]
+        args += ["--train-data", str(data), "--template", str(template), "--max-seq-length", "512"]
         prompt = "### 지시사항:\n한국의 수도는 어디인가요?\n\n### 응답:\n"
     else:
         data = tmp_path / "zh.txt"

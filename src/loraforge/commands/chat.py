@@ -97,7 +97,8 @@ class ChatSession:
 
     def reply(self) -> str:
         """Generate, stream and record the assistant's answer to the messages so far."""
-        from loraforge.generate import GenerationStats, generate_tokens, stream_text
+        from loraforge.generate import (MAX_TOKENS_TO_FINISH_CHARACTER, GenerationStats, generate_tokens,
+                                        stream_text)
 
         ids = self.prompt_ids()
         if len(ids) >= self.session.ctx_size:
@@ -106,14 +107,17 @@ class ChatSession:
         turn = GenerationStats()
         produced: list[int] = []
 
+        limit = self.n_predict if self.n_predict >= 0 else None
+        n_predict = self.n_predict + MAX_TOKENS_TO_FINISH_CHARACTER if limit is not None else -1
+
         def tokens() -> Iterator[int]:
-            for t in generate_tokens(self.loaded.model, ids, self.n_predict, self.settings,
+            for t in generate_tokens(self.loaded.model, ids, n_predict, self.settings,
                                      self.tokenizer.eot_ids, generator=self.generator, stats=turn,
                                      session=self.session):
                 produced.append(t)
                 yield t
 
-        for chunk in stream_text(self.tokenizer, tokens(), skip_special=not self.show_special):
+        for chunk in stream_text(self.tokenizer, tokens(), skip_special=not self.show_special, limit=limit):
             self.write(chunk)
         self.write("\n")
         self.stats.add(turn)

@@ -129,7 +129,8 @@ def context_size(args: argparse.Namespace, loaded: Any) -> int:
 # -- the command --------------------------------------------------------------------------------
 
 def run(args: argparse.Namespace) -> int:
-    from loraforge.generate import GenerationStats, generate_tokens, stream_text, write_utf8
+    from loraforge.generate import (MAX_TOKENS_TO_FINISH_CHARACTER, GenerationStats, generate_tokens,
+                                    stream_text, write_utf8)
 
     adapters = check_common_arguments(args)
     prompt = read_prompt(args)
@@ -143,9 +144,12 @@ def run(args: argparse.Namespace) -> int:
     stats = GenerationStats()
     if prompt and not args.no_display_prompt:
         write_utf8(sys.stdout, prompt)
-    tokens = generate_tokens(loaded.model, ids, args.n_predict, settings, tokenizer.eot_ids,
+    # -n N: N tokens, plus the few more that finish a character cut in half at the limit
+    limit = args.n_predict if args.n_predict >= 0 else None
+    n_predict = args.n_predict + MAX_TOKENS_TO_FINISH_CHARACTER if limit is not None else -1
+    tokens = generate_tokens(loaded.model, ids, n_predict, settings, tokenizer.eot_ids,
                              context_size(args, loaded), stats=stats)
-    for chunk in stream_text(tokenizer, tokens, skip_special=not args.special):
+    for chunk in stream_text(tokenizer, tokens, skip_special=not args.special, limit=limit):
         write_utf8(sys.stdout, chunk)
     write_utf8(sys.stdout, "\n")
     ending = {"eos": "[end of text]", "context": "[context full]", "length": ""}[stats.stop_reason]
