@@ -7,15 +7,10 @@ A .json/.jsonl/.csv/.parquet --train-data is an instruction/chat dataset (see da
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import random
-import sys
-import time
 
 import torch
 
-from loraforge.errors import LoraforgeError, file_error
+from loraforge.errors import LoraforgeError
 
 TEXT_SUFFIXES = (".txt", ".text", ".md", "")
 DATASET_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
@@ -128,10 +123,6 @@ def _positive(args: argparse.Namespace, *names: str) -> None:
             raise LoraforgeError(f"--{name.replace('_', '-')} must be positive, got {value}")
 
 
-def _pattern_path(pattern: str, tag: str | int) -> str:
-    return pattern.replace("ITERATION", str(tag))
-
-
 def run(args: argparse.Namespace) -> int:
     from loraforge.train.finetune import Finetune
 
@@ -143,9 +134,10 @@ def run(args: argparse.Namespace) -> int:
         raise LoraforgeError(f"--save-every must be >= 0, got {args.save_every}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    for pattern in (args.checkpoint_out, args.lora_out):
-        from loraforge.atomic import check_writable
+    from loraforge.atomic import check_writable
+    from loraforge.train.finetune import pattern_path
 
-        check_writable(_pattern_path(pattern, "LATEST"))
+    for pattern in (args.checkpoint_out, args.lora_out):
+        check_writable(pattern_path(pattern, "LATEST"))
     Finetune(args).run()
     return 0

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -115,19 +114,6 @@ def save_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-
-
-def is_checkpoint(path: str) -> bool:
-    try:
-        with open(path, "rb") as f:
-            if f.read(4) != b"GGUF":
-                return False
-        from loraforge.formats.gguf import open_reader
-
-        reader = open_reader(path)
-        return STATE_KEY in reader.fields
-    except (OSError, LoraforgeError):
-        return False
 
 
 def load_checkpoint(path: str) -> Checkpoint:

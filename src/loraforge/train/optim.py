@@ -81,7 +81,3 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
 
-
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> int:
-    """Memory of the optimizer moments (two per parameter)."""
-    return sum(2 * p.numel() * 4 for p in params)
