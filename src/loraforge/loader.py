@@ -117,7 +117,8 @@ def load_model(path: str | None = None, base_dtype: str = "auto", device: str | 
 
 def _load_gguf(path: str, base_dtype: str, device: torch.device) -> LoadedModel:
     from loraforge.formats.gguf import read_model
-    from loraforge.quant.ggml import dequantize
+    from loraforge.formats.gguf_file import release_pages
+    from loraforge.quant.ggml import dequantize, is_block_quantized
     from loraforge.quant.linear import QuantEmbedding, QuantLinear
     from loraforge.tokenizer import Tokenizer
 
@@ -142,11 +143,13 @@ def _load_gguf(path: str, base_dtype: str, device: torch.device) -> LoadedModel:
             raw = raw.to(device)
             module_name = name[: -len(".weight")]
             if module_name == "model.embed_tokens":
-                quant_modules[module_name] = QuantEmbedding.from_raw(raw, t.qtype, *t.shape)
+                embedding = quant_modules[module_name] = QuantEmbedding.from_raw(raw, t.qtype, *t.shape)
                 if cfg.tie_word_embeddings:
-                    quant_modules["lm_head"] = QuantLinear.from_raw(raw, t.qtype, t.shape[0], t.shape[1])
+                    quant_modules["lm_head"] = QuantLinear.tied_to(embedding)
             else:
                 quant_modules[module_name] = QuantLinear.from_raw(raw, t.qtype, t.shape[0], t.shape[1])
+            if is_block_quantized(t.qtype):  # now held split: the file pages are not needed
+                release_pages(t.data)
             continue
         value = dequantize(raw, t.qtype, t.shape, torch.float32) if t.is_quantized else raw.float()
         # norms and biases stay float32 (as llama.cpp keeps them); matrices take the dense dtype

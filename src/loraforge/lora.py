@@ -159,7 +159,11 @@ class LoRALinear(nn.Module):
             if s == 0.0:
                 continue
             a, b = self.lora_A[name], self.lora_B[name]
-            y = y + F.linear(F.linear(xd.to(a.dtype), a), b).to(y.dtype) * s
+            xa = F.linear(xd.to(a.dtype), a)  # (..., r)
+            if xa.dtype == y.dtype:  # y + s * xa @ B^T in one BLAS call
+                y = torch.addmm(y.reshape(-1, y.shape[-1]), xa.reshape(-1, xa.shape[-1]), b.t(), alpha=s).view(y.shape)
+            else:
+                y = y + F.linear(xa, b).to(y.dtype) * s
         return y
 
 

@@ -14,7 +14,8 @@ from gguf import quants as gguf_quants
 from torch.utils.checkpoint import checkpoint
 
 from loraforge.errors import LoraforgeError
-from loraforge.quant.ggml import SUPPORTED_TYPES, bytes_per_row, dequantize, dequantize_rows
+from loraforge.quant import linear as quant_linear
+from loraforge.quant.ggml import SUPPORTED_TYPES, bytes_per_row, dequantize, dequantize_rows, split_groups
 from loraforge.quant.linear import QuantEmbedding, QuantLinear
 
 T = GGMLQuantizationType
@@ -230,11 +231,12 @@ def test_quant_linear_matches_nn_linear(device: str, with_bias: bool) -> None:
     out_features, in_features = 48, 512
     bias = torch.randn(out_features) if with_bias else None
     layer = QuantLinear.from_raw(_tame_q4_k_raw(out_features, in_features), T.Q4_K, out_features, in_features, bias)
+    raw = _tame_q4_k_raw(out_features, in_features)
     layer = layer.to(device)
-    assert layer.raw.device.type == device and layer.raw.dtype == torch.uint8
-    assert layer.raw.shape == (out_features, bytes_per_row(T.Q4_K, in_features))
+    assert layer.q.device.type == device and layer.q.dtype == torch.int8
+    assert layer.q.shape == (out_features, in_features // 32, 32)  # Q4_K: 32-weight groups
     weight = layer.dequantized_weight()
-    assert torch.equal(weight, dequantize(layer.raw, T.Q4_K, (out_features, in_features)))
+    assert torch.equal(weight, dequantize(raw.to(device), T.Q4_K, (out_features, in_features)))
     assert torch.equal(layer.weight, weight)
 
     dense = torch.nn.Linear(in_features, out_features, bias=with_bias).to(device)
@@ -252,7 +254,7 @@ def test_quant_linear_matches_nn_linear(device: str, with_bias: bool) -> None:
     torch.testing.assert_close(x_quant.grad, x_dense.grad, rtol=1e-6, atol=1e-6)
     # frozen: nothing trainable, no gradient anywhere on the module
     assert list(layer.parameters()) == []
-    assert layer.raw.grad is None and not layer.raw.requires_grad
+    assert all(b.grad is None and not b.requires_grad for b in layer.buffers())
     assert layer.bias is None or layer.bias.grad is None
 
 
@@ -298,8 +300,9 @@ def test_quant_linear_dtypes_follow_input_and_module_casts() -> None:
     y.float().sum().backward()
     assert x.grad.dtype == torch.bfloat16
     assert layer.weight.dtype == torch.float32
-    layer = layer.to(torch.bfloat16)  # raw stays uint8, the decoded weight follows
-    assert layer.raw.dtype == torch.uint8 and layer.weight.dtype == torch.bfloat16
+    layer = layer.to(torch.bfloat16)  # stored values and factors keep their dtypes, the decoded weight follows
+    assert layer.q.dtype == torch.int8 and layer.scale.dtype == torch.float32  # Q4_K: float32 factors
+    assert layer.weight.dtype == torch.bfloat16
     assert "qtype=Q4_K" in repr(layer)
 
 
@@ -314,3 +317,53 @@ def test_quant_embedding(device: str) -> None:
     assert torch.equal(embedding(ids), F.embedding(ids, table))
     assert list(embedding.parameters()) == []
     assert embedding.half()(ids).dtype == torch.float16
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("qtype", [t for t in ALL_TYPES if GGML_QUANT_SIZES[t][0] > 1], ids=lambda t: t.name)
+def test_split_groups_decode_bit_exact(qtype: T, device: str) -> None:
+    """The resident split form (int8 values, float32 factors) decodes to the reference bits."""
+    shape = shape_for(qtype)
+    raw = random_raw(qtype, *shape, seed=int(qtype) + 100)
+    q, scale, offset = split_groups(torch.from_numpy(raw).to(device), qtype, *shape)
+    assert q.dtype == torch.int8 and q.shape[0] == shape[0] and q.shape[1] * q.shape[2] == shape[1]
+    assert scale.shape == (shape[0], q.shape[1], 1)
+    # legacy formats' factors are their f16 fields, held as float16
+    assert scale.dtype == (torch.float16 if qtype in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0) else torch.float32)
+    layer = QuantLinear.from_raw(torch.from_numpy(raw), qtype, *shape).to(device)
+    assert_bit_equal(layer.dequantized_weight(), reference(raw, qtype, shape))
+    assert_bit_equal(layer.decode_rows(5, 9), reference(raw, qtype, shape)[5:9])
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_quant_linear_row_slices_match_whole(monkeypatch: pytest.MonkeyPatch, with_bias: bool) -> None:
+    """A matrix decoded a slice of rows at a time gives the same outputs and input gradients."""
+    torch.manual_seed(3)
+    out_features, in_features = 50, 256
+    bias = torch.randn(out_features) if with_bias else None
+    layer = QuantLinear.from_raw(_tame_q4_k_raw(out_features, in_features), T.Q4_K, out_features, in_features, bias)
+    x = torch.randn(2, 3, in_features)
+    grad_out = torch.randn(2, 3, out_features)
+    results = []
+    for chunk in (1 << 22, 7 * in_features):  # one slice; slices of 7 rows (the last one 1 row)
+        monkeypatch.setattr(quant_linear, "CHUNK_ELEMENTS", chunk)
+        assert len(list(layer.row_slices())) == (1 if chunk > 1 << 20 else 8)
+        xi = x.clone().requires_grad_()
+        y = layer(xi)
+        y.backward(grad_out)
+        results.append((y.detach(), xi.grad))
+    # equal up to float32 summation order (outputs are O(1)-O(10))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-4)
+    dense = F.linear(x, layer.dequantized_weight(), bias)
+    torch.testing.assert_close(results[1][0], dense, rtol=1e-5, atol=1e-4)
+
+
+def test_tied_head_shares_the_embedding_storage() -> None:
+    n_vocab, dim = 40, 64
+    raw = torch.from_numpy(random_raw(T.Q8_0, n_vocab, dim))
+    embedding = QuantEmbedding.from_raw(raw, T.Q8_0, n_vocab, dim)
+    head = QuantLinear.tied_to(embedding)
+    assert head.q.data_ptr() == embedding.q.data_ptr() and head.scale.data_ptr() == embedding.scale.data_ptr()
+    x = torch.randn(3, dim)
+    torch.testing.assert_close(head(x), x @ embedding.weight.t(), rtol=1e-6, atol=1e-6)

@@ -31,12 +31,16 @@ def test_quantized_modules_hold_the_file_blocks(smollm2_quantized):
     linears = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert len(linears) == 30 * 7 + 1  # every projection, and the tied LM head over token_embd
     assert isinstance(model.model.embed_tokens, QuantEmbedding)
-    assert model.lm_head.raw.data_ptr() == model.model.embed_tokens.raw.data_ptr()  # tied: one buffer
+    assert model.lm_head.q.data_ptr() == model.model.embed_tokens.q.data_ptr()  # tied: one storage
     dense = [n for n, p in model.named_parameters() if p.ndim > 1]
     assert dense == []  # no float matrix anywhere
-    raw_bytes = sum(m.raw.numel() for m in linears if m is not model.lm_head) + model.model.embed_tokens.raw.numel()
-    file_bytes = os.path.getsize(smollm2_quantized.source)
-    assert 0.9 * file_bytes < raw_bytes < file_bytes
+    # int8 values (1 byte per weight) and float16 group factors (Q4_1: scale and offset per 32 weights,
+    # Q8_0: a scale)
+    resident = sum(m.resident_bytes() for m in linears if m is not model.lm_head)
+    resident += model.model.embed_tokens.resident_bytes()
+    n_weights = sum(m.n_rows * m.n_cols for m in linears if m is not model.lm_head)
+    n_weights += model.model.embed_tokens.n_rows * model.model.embed_tokens.n_cols
+    assert 1.0 * n_weights < resident <= 1.125 * n_weights  # a float32 copy would take 4 bytes per weight
 
 
 def test_quantized_logits_equal_dequantized(smollm2_quantized, smollm2_f32):
@@ -98,8 +102,10 @@ def test_quantized_load_peak_memory_far_below_dense(smollm2_path):
     print(f"\npeak RSS loading SmolLM2: f32 {dense['after'] / mib:.0f} MiB "
           f"(+{(dense['after'] - dense['before']) / mib:.0f} over imports), quantized {quant['after'] / mib:.0f} MiB "
           f"(+{(quant['after'] - quant['before']) / mib:.0f})")
-    assert quant["after"] < 0.5 * dense["after"]
-    assert quant["after"] - quant["before"] < 0.3 * (dense["after"] - dense["before"])
+    # The quantized base is held as int8 values + f16 group factors (~1.06 bytes per weight, all of it
+    # resident after loading) against 4 bytes per weight in float32; tokenizer and buffers are common.
+    assert quant["after"] - quant["before"] < 0.45 * (dense["after"] - dense["before"])
+    assert quant["after"] < 0.6 * dense["after"]
 
 
 @pytest.mark.parametrize("arch, qtype_name, tied", [("llama", "Q4_0", False), ("qwen2", "Q8_0", False),

@@ -9,6 +9,7 @@ starts at the next multiple of `general.alignment` (default 32).
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -50,6 +51,28 @@ class GGUFFile:
             return raw.view(np.float16).reshape(t.shape)
         rows = int(np.prod(t.shape[:-1])) if len(t.shape) > 1 else 1
         return raw.reshape(rows, -1)
+
+
+def release_pages(array: np.ndarray) -> None:
+    """Let the OS drop the resident pages of a view into a GGUF file mapping.
+
+    For a tensor already copied into another form (the loader's split of quantized blocks):
+    the file-backed pages stop counting towards the process's memory. The mapping is
+    copy-on-write and never written, so the view stays valid (pages are re-read if touched).
+    Arrays that are not views of a mapping are left alone.
+    """
+    handle = getattr(array, "_mmap", None)  # numpy keeps the mmap object on memmap views
+    if not isinstance(handle, mmap.mmap) or not hasattr(mmap, "MADV_DONTNEED") or handle.closed:
+        return
+    mapping_start = np.frombuffer(handle, dtype=np.uint8, count=1).__array_interface__["data"][0]
+    start = array.__array_interface__["data"][0] - mapping_start
+    end = start + array.nbytes
+    if start < 0 or end > len(handle) or not array.flags.c_contiguous:
+        return
+    page = mmap.PAGESIZE
+    first, last = -(-start // page) * page, end // page * page
+    if last > first:
+        handle.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
 class _Cursor:

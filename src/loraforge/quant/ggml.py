@@ -82,20 +82,34 @@ _ONE_BIT = tuple(range(8))
 
 # ---------------------------------------------------------------------------------------
 # legacy 32-weight block formats
+#
+# Each `_split_*` returns the block's integer values and the float32 factors that turn them
+# into weights, w = q * scale (+ offset): q (n_blocks, groups, group_size) int8, scale and
+# offset (n_blocks, groups, 1) float32 (offset None where the format has none). The factors
+# are computed exactly as the reference computes them, and `_combine` multiplies, then adds,
+# so decoding from the split form is bit-identical to decoding the blocks directly.
+
+Groups = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
 
 
-def _dequant_q4_0(blocks: torch.Tensor) -> torch.Tensor:
+def _groups(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, n_groups: int) -> Groups:
+    n = q.shape[0]
+    q = q.to(torch.int8).reshape(n, n_groups, -1)
+    offset = None if offset is None else offset.reshape(n, n_groups, 1)
+    return q, scale.reshape(n, n_groups, 1), offset
+
+
+def _split_q4_0(blocks: torch.Tensor) -> Groups:
     """Q4_0 (18 bytes): f16 d, 16 bytes of 4-bit q; w = d * (q - 8)."""
     d = _f16_field(blocks, 0)
     q = _unpack_bits(blocks[:, 2:], 16, _LOW_HIGH_NIBBLE, 0x0F)
-    return (q.to(torch.int8) - 8).float().mul_(d)  # in place: no second full-size tensor
+    return _groups(q.to(torch.int8) - 8, d, None, 1)
 
 
-def _dequant_q4_1(blocks: torch.Tensor) -> torch.Tensor:
+def _split_q4_1(blocks: torch.Tensor) -> Groups:
     """Q4_1 (20 bytes): f16 d, f16 m, 16 bytes of 4-bit q; w = d * q + m."""
     d, m = _f16_field(blocks, 0), _f16_field(blocks, 2)
-    q = _unpack_bits(blocks[:, 4:], 16, _LOW_HIGH_NIBBLE, 0x0F)
-    return q.float().mul_(d).add_(m)
+    return _groups(_unpack_bits(blocks[:, 4:], 16, _LOW_HIGH_NIBBLE, 0x0F), d, m, 1)
 
 
 def _q5_values(qh: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
@@ -105,42 +119,39 @@ def _q5_values(qh: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
     return low | (high << 4)
 
 
-def _dequant_q5_0(blocks: torch.Tensor) -> torch.Tensor:
+def _split_q5_0(blocks: torch.Tensor) -> Groups:
     """Q5_0 (22 bytes): f16 d, u32 high bits, 16 nibble bytes; w = d * (q - 16)."""
     d = _f16_field(blocks, 0)
     q = _q5_values(blocks[:, 2:6], blocks[:, 6:])
-    return (q.to(torch.int8) - 16).float().mul_(d)
+    return _groups(q.to(torch.int8) - 16, d, None, 1)
 
 
-def _dequant_q5_1(blocks: torch.Tensor) -> torch.Tensor:
+def _split_q5_1(blocks: torch.Tensor) -> Groups:
     """Q5_1 (24 bytes): f16 d, f16 m, u32 high bits, 16 nibble bytes; w = d * q + m."""
     d, m = _f16_field(blocks, 0), _f16_field(blocks, 2)
-    q = _q5_values(blocks[:, 4:8], blocks[:, 8:])
-    return q.float().mul_(d).add_(m)
+    return _groups(_q5_values(blocks[:, 4:8], blocks[:, 8:]), d, m, 1)
 
 
-def _dequant_q8_0(blocks: torch.Tensor) -> torch.Tensor:
+def _split_q8_0(blocks: torch.Tensor) -> Groups:
     """Q8_0 (34 bytes): f16 d, 32 int8 q; w = q * d."""
-    d = _f16_field(blocks, 0)
-    return blocks[:, 2:].view(torch.int8).float().mul_(d)
+    return _groups(blocks[:, 2:].view(torch.int8), _f16_field(blocks, 0), None, 1)
 
 
 # ---------------------------------------------------------------------------------------
 # k-quants: 256-weight super-blocks
 
 
-def _dequant_q2_k(blocks: torch.Tensor) -> torch.Tensor:
+def _split_q2_k(blocks: torch.Tensor) -> Groups:
     """Q2_K (84 bytes): 16 scale/min nibble pairs, 64 bytes of 2-bit q, f16 d, f16 dmin."""
-    n = blocks.shape[0]
     scales, qs, _ = _split(blocks, QK_K // 16, QK_K // 4)
     d, dmin = _f16_field(blocks, 80), _f16_field(blocks, 82)
-    dl = (d * (scales & 0x0F).float()).reshape(n, 16, 1)
-    ml = (dmin * (scales >> 4).float()).reshape(n, 16, 1)
-    q = _unpack_bits(qs, 32, _TWO_BIT, 0x03).reshape(n, 16, 16).float()
-    return (dl * q - ml).reshape(n, QK_K)
+    dl = d * (scales & 0x0F).float()
+    ml = dmin * (scales >> 4).float()
+    q = _unpack_bits(qs, 32, _TWO_BIT, 0x03)
+    return _groups(q, dl, -ml, 16)  # dl * q + (-ml) is exactly dl * q - ml
 
 
-def _dequant_q3_k(blocks: torch.Tensor) -> torch.Tensor:
+def _split_q3_k(blocks: torch.Tensor) -> Groups:
     """Q3_K (110 bytes): 32 bytes high-bit mask, 64 bytes 2-bit q, 12 bytes 6-bit scales, f16 d."""
     n = blocks.shape[0]
     hmask, qs, scale_bytes, _ = _split(blocks, QK_K // 8, QK_K // 4, 12)
@@ -148,12 +159,10 @@ def _dequant_q3_k(blocks: torch.Tensor) -> torch.Tensor:
     low = _unpack_bits(scale_bytes[:, :8], 8, _LOW_HIGH_NIBBLE, 0x0F)
     high = _unpack_bits(scale_bytes[:, 8:], 4, _TWO_BIT, 0x03)
     scales = ((low | (high << 4)).to(torch.int8) - 32).float()
-    dl = (d * scales).reshape(n, 16, 1)
     q_low = _unpack_bits(qs, 32, _TWO_BIT, 0x03).reshape(n, 16, 16)
     # a set mask bit means "no offset"; a clear one subtracts 4
     q_off = (_unpack_bits(hmask, 32, _ONE_BIT, 0x01).reshape(n, 16, 16) ^ 1) << 2
-    q = (q_low.to(torch.int8) - q_off.to(torch.int8)).float()
-    return (dl * q).reshape(n, QK_K)
+    return _groups(q_low.to(torch.int8) - q_off.to(torch.int8), d * scales, None, 16)
 
 
 def _k_scale_min(scale_bytes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,40 +175,37 @@ def _k_scale_min(scale_bytes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return sc, mn
 
 
-def _dequant_q4_k(blocks: torch.Tensor) -> torch.Tensor:
+def _split_q4_k(blocks: torch.Tensor) -> Groups:
     """Q4_K (144 bytes): f16 d, f16 dmin, 12 bytes scales/mins, 128 bytes of 4-bit q."""
-    n = blocks.shape[0]
     d, dmin = _f16_field(blocks, 0), _f16_field(blocks, 2)
     sc, mn = _k_scale_min(blocks[:, 4:16])
-    d = (d * sc.float()).reshape(n, 8, 1)
-    dm = (dmin * mn.float()).reshape(n, 8, 1)
-    q = _unpack_bits(blocks[:, 16:], 32, _LOW_HIGH_NIBBLE, 0x0F).reshape(n, 8, 32).float()
-    return (d * q - dm).reshape(n, QK_K)
+    q = _unpack_bits(blocks[:, 16:], 32, _LOW_HIGH_NIBBLE, 0x0F)
+    return _groups(q, d * sc.float(), -(dmin * mn.float()), 8)
 
 
-def _dequant_q5_k(blocks: torch.Tensor) -> torch.Tensor:
+def _split_q5_k(blocks: torch.Tensor) -> Groups:
     """Q5_K (176 bytes): f16 d, f16 dmin, 12 bytes scales/mins, 32 bytes high bits, 128 nibble bytes."""
-    n = blocks.shape[0]
     d, dmin = _f16_field(blocks, 0), _f16_field(blocks, 2)
     sc, mn = _k_scale_min(blocks[:, 4:16])
-    d = (d * sc.float()).reshape(n, 8, 1)
-    dm = (dmin * mn.float()).reshape(n, 8, 1)
     q_high = _unpack_bits(blocks[:, 16:48], 32, _ONE_BIT, 0x01)
     q_low = _unpack_bits(blocks[:, 48:], 32, _LOW_HIGH_NIBBLE, 0x0F)
-    q = (q_low | (q_high << 4)).reshape(n, 8, 32).float()
-    return (d * q - dm).reshape(n, QK_K)
+    return _groups(q_low | (q_high << 4), d * sc.float(), -(dmin * mn.float()), 8)
 
 
-def _dequant_q6_k(blocks: torch.Tensor) -> torch.Tensor:
+def _split_q6_k(blocks: torch.Tensor) -> Groups:
     """Q6_K (210 bytes): 128 bytes low nibbles, 64 bytes high 2 bits, 16 int8 scales, f16 d."""
-    n = blocks.shape[0]
     ql, qh, scales, _ = _split(blocks, QK_K // 2, QK_K // 4, QK_K // 16)
     d = _f16_field(blocks, 208)
-    d = (d * scales.view(torch.int8).float()).reshape(n, 16, 1)
     q_low = _unpack_bits(ql, 64, _LOW_HIGH_NIBBLE, 0x0F)
     q_high = _unpack_bits(qh, 32, _TWO_BIT, 0x03)
-    q = ((q_low | (q_high << 4)).to(torch.int8) - 32).reshape(n, 16, 16).float()
-    return (d * q).reshape(n, QK_K)
+    q = (q_low | (q_high << 4)).to(torch.int8) - 32
+    return _groups(q, d * scales.view(torch.int8).float(), None, 16)
+
+
+def _combine(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
+    """float32 weights (n, groups, group_size) = q * scale (+ offset), multiply then add."""
+    w = q.float().mul_(scale)
+    return w if offset is None else w.add_(offset)
 
 
 # ---------------------------------------------------------------------------------------
@@ -218,20 +224,25 @@ def _dequant_bf16(blocks: torch.Tensor) -> torch.Tensor:
     return _view_bytes_as(blocks, torch.bfloat16).float()
 
 
+_SPLITTERS: dict[int, Callable[[torch.Tensor], Groups]] = {
+    _T.Q8_0: _split_q8_0,
+    _T.Q4_0: _split_q4_0,
+    _T.Q4_1: _split_q4_1,
+    _T.Q5_0: _split_q5_0,
+    _T.Q5_1: _split_q5_1,
+    _T.Q2_K: _split_q2_k,
+    _T.Q3_K: _split_q3_k,
+    _T.Q4_K: _split_q4_k,
+    _T.Q5_K: _split_q5_k,
+    _T.Q6_K: _split_q6_k,
+}
+
 _DECODERS: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {
     _T.F32: _dequant_f32,
     _T.F16: _dequant_f16,
     _T.BF16: _dequant_bf16,
-    _T.Q8_0: _dequant_q8_0,
-    _T.Q4_0: _dequant_q4_0,
-    _T.Q4_1: _dequant_q4_1,
-    _T.Q5_0: _dequant_q5_0,
-    _T.Q5_1: _dequant_q5_1,
-    _T.Q2_K: _dequant_q2_k,
-    _T.Q3_K: _dequant_q3_k,
-    _T.Q4_K: _dequant_q4_k,
-    _T.Q5_K: _dequant_q5_k,
-    _T.Q6_K: _dequant_q6_k,
+    **{t: (lambda blocks, split=split: _combine(*split(blocks)).reshape(blocks.shape[0], -1))
+       for t, split in _SPLITTERS.items()},
 }
 
 # The plain float types need no decoding when the wanted dtype is their own.
@@ -332,6 +343,45 @@ def dequantize(
     else:
         values = _DECODERS[qtype](blocks)
     return values.reshape(shape).to(dtype)
+
+
+def split_groups(raw: torch.Tensor, qtype: int, n_rows: int, n_cols: int) -> Groups:
+    """The integer values and float32 factors of a 2-D block-quantized tensor.
+
+    Returns q (n_rows, n_groups, group_size) int8, scale and offset (n_rows, n_groups, 1)
+    (offset None for formats without one), with weights = q * scale (+ offset) in float32
+    bit-identical to `dequantize`. group_size is 32 or 16 depending on the format. The
+    factors are float16 where that holds them exactly (Q4_0 ... Q8_0 store f16 fields),
+    float32 otherwise (k-quants multiply a super-block scale by a sub-block one).
+    """
+    qtype = check_supported(qtype)
+    if qtype not in _SPLITTERS:
+        raise LoraforgeError(f"{type_name(qtype)} is a float type, not a block-quantized one")
+    row_bytes = bytes_per_row(qtype, n_cols)
+    flat = _as_bytes(raw)
+    if flat.numel() != n_rows * row_bytes:
+        raise LoraforgeError(
+            f"{type_name(qtype)} tensor of {n_rows}x{n_cols} needs {n_rows * row_bytes} bytes, "
+            f"got {flat.numel()}"
+        )
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    q, scale, offset = _SPLITTERS[qtype](flat.view(-1, type_size))
+    groups = n_cols // q.shape[-1] if q.numel() else 0
+    q = q.reshape(n_rows, groups, -1).contiguous()
+    scale = _compact(scale.reshape(n_rows, groups, 1))
+    offset = None if offset is None else _compact(offset.reshape(n_rows, groups, 1))
+    return q, scale, offset
+
+
+def _compact(factors: torch.Tensor) -> torch.Tensor:
+    """float32 factors as float16 when that is lossless (the legacy formats' f16 fields)."""
+    half = factors.half()
+    return half if torch.equal(half.float(), factors) else factors.contiguous()
+
+
+def is_block_quantized(qtype: int) -> bool:
+    """True for the block formats (Q8_0, Q4_K, ...), False for F32/F16/BF16."""
+    return int(qtype) in _SPLITTERS
 
 
 def dequantize_rows(

@@ -1,21 +1,40 @@
-"""Frozen linear and embedding layers whose weights stay as ggml blocks in memory.
+"""Frozen linear and embedding layers whose weights stay quantized in memory.
+
+A block-quantized GGUF tensor (Q8_0, Q4_K, ...) is held split (`ggml.split_groups`): its
+integer values as int8, one byte per weight, and the factors of each 16/32-weight group
+(float16 where exact, else float32); F16/BF16 tensors are held as they are. Three passes (int8 -> float, times scale, plus
+offset) decode a weight, bit-identical to dequantizing the file's blocks, several times faster
+than unpacking bits on every use.
 
 The weight is decoded on the fly for each use and never kept: the autograd Function below
-decodes in forward, saves nothing but a reference to the (already resident) raw buffer,
-decodes again in backward and returns only the input gradient. A frozen base thus costs
-its quantized size in memory, plus one transient full-precision copy of one matrix at a time.
+decodes in forward, saves nothing but a reference to the module, decodes again in backward
+and returns only the input gradient. Decoding goes into a reused scratch buffer, a slice of
+rows at a time for large matrices (an LM head), so a step allocates no full-size weights.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LoraforgeError
-from .ggml import bytes_per_row, check_supported, dequantize, dequantize_rows, type_name
+from .ggml import bytes_per_row, check_supported, dequantize, is_block_quantized, split_groups, type_name
+
+# Weights decoded at once: larger matrices go by slices of rows (16 MiB of float32).
+CHUNK_ELEMENTS = 1 << 22
+
+_scratch_buffers: dict[torch.device, torch.Tensor] = {}
+
+
+def _scratch(n_elements: int, device: torch.device) -> torch.Tensor:
+    """A reused flat float32 buffer of n_elements on device (contents undefined)."""
+    buf = _scratch_buffers.get(device)
+    if buf is None or buf.numel() < n_elements:
+        buf = _scratch_buffers[device] = torch.empty(n_elements, dtype=torch.float32, device=device)
+    return buf[:n_elements]
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -27,108 +46,172 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 class _QuantLinearFunction(torch.autograd.Function):
-    """y = x W^T + b with W decoded from ggml blocks; gradient for x only."""
+    """y = x W^T + b with W decoded slice by slice; gradient for x only."""
 
     @staticmethod
-    def forward(
-        ctx,
-        x: torch.Tensor,
-        raw: torch.Tensor,
-        qtype: int,
-        out_features: int,
-        in_features: int,
-        bias: torch.Tensor | None,
-    ) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, table: "QuantLinear", bias: torch.Tensor | None) -> torch.Tensor:
         dtype = _compute_dtype(x)
-        weight = dequantize(raw, qtype, (out_features, in_features), dtype)
-        # raw is kept as a plain attribute, not through save_for_backward: it is a resident
-        # module buffer, so saved-tensor hooks (CPU offload, checkpointing) must not copy it.
-        ctx.raw, ctx.qtype, ctx.shape = raw, qtype, (out_features, in_features)
-        return F.linear(x.to(dtype), weight, None if bias is None else bias.to(dtype))
+        # The module is kept as a plain attribute, nothing through save_for_backward: its
+        # buffers are resident, so saved-tensor hooks (CPU offload, checkpointing) must not copy them.
+        ctx.table = table
+        x = x.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+        slices = list(table.row_slices())
+        if len(slices) == 1:
+            return F.linear(x, table.decode_rows(0, table.n_rows, dtype, scratch=True), bias)
+        x2d = x.reshape(-1, table.n_cols)
+        y = x2d.new_empty(x2d.shape[0], table.n_rows)
+        for start, stop in slices:
+            y[:, start:stop] = x2d @ table.decode_rows(start, stop, dtype, scratch=True).t()
+        if bias is not None:
+            y += bias
+        return y.reshape(*x.shape[:-1], table.n_rows)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            weight = dequantize(ctx.raw, ctx.qtype, ctx.shape, grad_out.dtype)
-            grad_x = grad_out @ weight  # (..., out) @ (out, in) -> (..., in)
-        return grad_x, None, None, None, None, None
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        table = ctx.table
+        slices = list(table.row_slices())
+        if len(slices) == 1:
+            return grad_out @ table.decode_rows(0, table.n_rows, grad_out.dtype, scratch=True), None, None
+        g2d = grad_out.reshape(-1, table.n_rows)
+        grad_x = g2d.new_zeros(g2d.shape[0], table.n_cols)
+        for start, stop in slices:  # (..., out) @ (out, in) -> (..., in), summed over slices
+            grad_x.addmm_(g2d[:, start:stop], table.decode_rows(start, stop, grad_out.dtype, scratch=True))
+        return grad_x.reshape(*grad_out.shape[:-1], table.n_cols), None, None
 
 
 class _QuantTable(nn.Module):
-    """Shared storage of a 2-D ggml tensor: buffer `raw` (rows, bytes_per_row) uint8.
+    """Storage of a frozen 2-D quantized weight (n_rows, n_cols), shareable between modules.
 
-    `output_dtype` (float32 by default) is the dtype `weight` decodes to; it follows
-    module casts such as `.to(torch.bfloat16)` / `.half()`, like a float parameter would.
+    Block formats: buffers `q` (n_rows, groups, group_size) int8, `scale` and `offset`
+    (n_rows, groups, 1) float16 or float32 (`offset` None for formats without one). F16/BF16: `q` is the
+    (n_rows, n_cols) table itself, `scale` and `offset` None. `output_dtype` (float32 by
+    default) is the dtype `weight` decodes to; it follows module casts such as
+    `.to(torch.bfloat16)` / `.half()` like a float parameter would, while the stored values
+    and factors keep their dtypes (only device moves apply to them).
     """
 
-    def __init__(self, raw: torch.Tensor, qtype: int, n_rows: int, n_cols: int):
+    def __init__(self, raw: torch.Tensor, qtype: int, n_rows: int, n_cols: int,
+                 shared: "_QuantTable | None" = None):
         super().__init__()
         self.qtype = int(check_supported(qtype))
-        row_bytes = bytes_per_row(self.qtype, n_cols)
-        if raw.numel() != n_rows * row_bytes:
-            raise LoraforgeError(
-                f"{type_name(qtype)} tensor of {n_rows}x{n_cols} needs {n_rows * row_bytes} bytes, "
-                f"got {raw.numel()}"
-            )
-        if raw.dtype != torch.uint8:
-            raw = raw.contiguous().view(torch.uint8)
-        self.register_buffer("raw", raw.reshape(n_rows, row_bytes))
+        self.n_rows, self.n_cols = int(n_rows), int(n_cols)
         self.output_dtype = torch.float32
+        if shared is not None:  # a tied LM head over the embedding table: same storage
+            q, scale, offset = shared.q, shared.scale, shared.offset
+        elif is_block_quantized(self.qtype):
+            q, scale, offset = split_groups(raw, self.qtype, self.n_rows, self.n_cols)
+        else:
+            row_bytes = bytes_per_row(self.qtype, self.n_cols)
+            if raw.numel() * raw.element_size() != self.n_rows * row_bytes:
+                raise LoraforgeError(
+                    f"{type_name(qtype)} tensor of {n_rows}x{n_cols} needs {self.n_rows * row_bytes} "
+                    f"bytes, got {raw.numel() * raw.element_size()}"
+                )
+            native = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}[type_name(qtype)]
+            q, scale, offset = dequantize(raw, self.qtype, (self.n_rows, self.n_cols), native), None, None
+        self.register_buffer("q", q)
+        self.register_buffer("scale", scale)
+        self.register_buffer("offset", offset)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True):
-        # Follow dtype casts (model.to(torch.bfloat16)) that would apply to a float weight.
-        self.output_dtype = fn(torch.empty(0, dtype=self.output_dtype)).dtype
-        return super()._apply(fn, recurse)
+        # Follow dtype casts (model.to(torch.bfloat16)) in the decoded dtype only; move devices.
+        probe = fn(torch.empty(0, dtype=self.output_dtype, device=self.q.device))
+        self.output_dtype = probe.dtype
+        for name, buf in self._buffers.items():
+            if buf is not None:
+                moved = buf.to(probe.device)
+                self._buffers[name] = moved if name != "bias" else fn(buf)
+        return self
 
-    def _decoded(self, n_rows: int, n_cols: int, dtype: torch.dtype | None) -> torch.Tensor:
-        return dequantize(self.raw, self.qtype, (n_rows, n_cols), dtype or self.output_dtype)
+    def resident_bytes(self) -> int:
+        """Bytes held by the stored values and factors."""
+        return sum(b.numel() * b.element_size() for b in (self.q, self.scale, self.offset) if b is not None)
+
+    def row_slices(self) -> Iterator[tuple[int, int]]:
+        """(start, stop) row ranges of at most CHUNK_ELEMENTS weights each."""
+        step = max(1, CHUNK_ELEMENTS // self.n_cols)
+        for start in range(0, self.n_rows, step):
+            yield start, min(start + step, self.n_rows)
+
+    def decode_rows(self, start: int, stop: int, dtype: torch.dtype | None = None,
+                    scratch: bool = False) -> torch.Tensor:
+        """Weights of rows start..stop-1: (stop - start, n_cols) in dtype (default output_dtype).
+
+        scratch=True decodes into the shared scratch buffer: the result is valid only until the
+        next scratch decode (for immediate use in a matmul); otherwise it is a fresh tensor.
+        """
+        dtype = dtype or self.output_dtype
+        if self.scale is None:
+            values = self.q[start:stop]
+            return values.to(dtype) if scratch else values.to(dtype, copy=True)
+        n = stop - start
+        shape = (n, self.q.shape[1], self.q.shape[2])
+        if scratch:
+            out = _scratch(n * self.n_cols, self.q.device).view(shape)
+        else:
+            out = torch.empty(shape, dtype=torch.float32, device=self.q.device)
+        _decode_into(out, self.q[start:stop], self.scale[start:stop],
+                     None if self.offset is None else self.offset[start:stop])
+        out = out.view(n, self.n_cols)
+        return out if dtype == torch.float32 else out.to(dtype)
+
+    def gather_rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Weights of the rows `ids` (flat long tensor): (len(ids), n_cols) in dtype."""
+        if self.scale is None:
+            return self.q.index_select(0, ids).to(dtype)
+        q = self.q.index_select(0, ids)
+        out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        offset = None if self.offset is None else self.offset.index_select(0, ids)
+        _decode_into(out, q, self.scale.index_select(0, ids), offset)
+        return out.view(len(ids), self.n_cols).to(dtype)
+
+
+def _decode_into(out: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None) -> None:
+    """out = q * scale (+ offset) in float32, multiply then add (as ggml's reference decoders)."""
+    out.copy_(q)
+    out.mul_(scale.float())
+    if offset is not None:
+        out.add_(offset.float())
 
 
 class QuantLinear(_QuantTable):
-    """Frozen linear layer over a ggml-quantized weight (out_features, in_features).
+    """Frozen linear layer over a quantized weight (out_features, in_features).
 
-    Buffers: `raw` (out_features, bytes_per_row) uint8, `bias` (out_features,) or None.
+    Buffers: see `_QuantTable`; `bias` (out_features,) or None.
     forward: x (..., in_features) -> (..., out_features) in x's dtype (or the autocast dtype).
     """
 
-    def __init__(
-        self,
-        raw: torch.Tensor,
-        qtype: int,
-        out_features: int,
-        in_features: int,
-        bias: torch.Tensor | None = None,
-    ):
-        super().__init__(raw, qtype, out_features, in_features)
+    def __init__(self, raw: torch.Tensor | None, qtype: int, out_features: int, in_features: int,
+                 bias: torch.Tensor | None = None, shared: _QuantTable | None = None):
+        super().__init__(raw, qtype, out_features, in_features, shared)
         self.in_features = int(in_features)
         self.out_features = int(out_features)
         if bias is not None:
             if tuple(bias.shape) != (self.out_features,):
                 raise LoraforgeError(f"bias of shape {tuple(bias.shape)}, expected ({self.out_features},)")
-            bias = bias.detach().to(device=self.raw.device)
+            bias = bias.detach().to(device=self.q.device)
         self.register_buffer("bias", bias)
 
     @classmethod
-    def from_raw(
-        cls,
-        raw: torch.Tensor,
-        qtype: int,
-        out_features: int,
-        in_features: int,
-        bias: torch.Tensor | None = None,
-    ) -> "QuantLinear":
+    def from_raw(cls, raw: torch.Tensor, qtype: int, out_features: int, in_features: int,
+                 bias: torch.Tensor | None = None) -> "QuantLinear":
         """Wrap the GGUF bytes of a weight; raw is (out_features, bytes_per_row) or flat uint8."""
         return cls(raw, qtype, out_features, in_features, bias)
 
+    @classmethod
+    def tied_to(cls, embedding: "QuantEmbedding") -> "QuantLinear":
+        """An LM head over an embedding table's storage (tied weights): no second copy."""
+        return cls(None, embedding.qtype, embedding.n_rows, embedding.n_cols, shared=embedding)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _QuantLinearFunction.apply(
-            x, self.raw, self.qtype, self.out_features, self.in_features, self.bias
-        )
+        return _QuantLinearFunction.apply(x, self, self.bias)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The decoded weight (out_features, in_features), a fresh tensor on raw's device."""
-        return self._decoded(self.out_features, self.in_features, dtype)
+        """The decoded weight (out_features, in_features), a fresh tensor on the module's device."""
+        return self.decode_rows(0, self.n_rows, dtype)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -143,7 +226,7 @@ class QuantLinear(_QuantTable):
 
 
 class QuantEmbedding(_QuantTable):
-    """Frozen embedding table over a ggml-quantized weight (num_embeddings, embedding_dim).
+    """Frozen embedding table over a quantized weight (num_embeddings, embedding_dim).
 
     forward: ids (...) -> (..., embedding_dim) in `output_dtype`; decodes only the rows asked for.
     """
@@ -154,18 +237,18 @@ class QuantEmbedding(_QuantTable):
         self.embedding_dim = int(embedding_dim)
 
     @classmethod
-    def from_raw(
-        cls, raw: torch.Tensor, qtype: int, num_embeddings: int, embedding_dim: int
-    ) -> "QuantEmbedding":
+    def from_raw(cls, raw: torch.Tensor, qtype: int, num_embeddings: int, embedding_dim: int
+                 ) -> "QuantEmbedding":
         """Wrap the GGUF bytes of a table; raw is (num_embeddings, bytes_per_row) or flat uint8."""
         return cls(raw, qtype, num_embeddings, embedding_dim)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return dequantize_rows(self.raw, self.qtype, ids, self.embedding_dim, self.output_dtype)
+        flat = ids.reshape(-1).to(device=self.q.device, dtype=torch.long)
+        return self.gather_rows(flat, self.output_dtype).reshape(*ids.shape, self.n_cols)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The decoded table (num_embeddings, embedding_dim), a fresh tensor on raw's device."""
-        return self._decoded(self.num_embeddings, self.embedding_dim, dtype)
+        """The decoded table (num_embeddings, embedding_dim), a fresh tensor on the module's device."""
+        return self.decode_rows(0, self.n_rows, dtype)
 
     @property
     def weight(self) -> torch.Tensor:
