@@ -10,6 +10,7 @@ twice. `base_dtype`:
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import importlib.util
 import os
@@ -112,12 +113,21 @@ def load_model(path: str | None = None, base_dtype: str = "auto", device: str | 
         loaded = _load_gguf(path, base_dtype, device)
     loaded.fingerprint = file_fingerprint(path)
     loaded.model.eval()
+    _return_freed_memory()
     return loaded
+
+
+def _return_freed_memory() -> None:
+    """Hand the memory freed while loading (file buffers, conversion temporaries) back to the OS;
+    glibc otherwise keeps freed heap pages, which then count as the process's for good."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _load_gguf(path: str, base_dtype: str, device: torch.device) -> LoadedModel:
     from loraforge.formats.gguf import read_model
-    from loraforge.formats.gguf_file import release_pages
     from loraforge.quant.ggml import dequantize, is_block_quantized
     from loraforge.quant.linear import QuantEmbedding, QuantLinear
     from loraforge.tokenizer import Tokenizer
@@ -149,7 +159,7 @@ def _load_gguf(path: str, base_dtype: str, device: torch.device) -> LoadedModel:
             else:
                 quant_modules[module_name] = QuantLinear.from_raw(raw, t.qtype, t.shape[0], t.shape[1])
             if is_block_quantized(t.qtype):  # now held split: the file pages are not needed
-                release_pages(t.data)
+                t.release()
             continue
         value = dequantize(raw, t.qtype, t.shape, torch.float32) if t.is_quantized else raw.float()
         # norms and biases stay float32 (as llama.cpp keeps them); matrices take the dense dtype

@@ -22,11 +22,26 @@ GGUF_MAGIC = b"GGUF"
 
 @dataclass
 class RawTensor:
-    """One tensor as stored: `data` is float32/float16 (rows, cols) or uint8 blocks (rows, bytes_per_row)."""
+    """One tensor as stored: `data` is float32/float16 (rows, cols) or uint8 blocks (rows, bytes_per_row).
+
+    `stored` is the view into the file; q/k rows of llama-arch files are un-permuted on each
+    access to `data` (`heads` set), so no un-permuted copy of every q/k matrix is kept around.
+    """
 
     qtype: int  # gguf.GGMLQuantizationType value
     shape: tuple[int, ...]  # torch order, e.g. (out_features, in_features)
-    data: np.ndarray
+    stored: np.ndarray
+    heads: int | None = None  # rows to un-permute by (llama-arch q/k), else None
+
+    @property
+    def data(self) -> np.ndarray:
+        return self.stored if self.heads is None else permute_qk_gguf_to_hf(self.stored, self.heads)
+
+    def release(self) -> None:
+        """Drop the file pages under this tensor from memory (see gguf_file.release_pages)."""
+        from loraforge.formats.gguf_file import release_pages
+
+        release_pages(self.stored)
 
     @property
     def is_quantized(self) -> bool:
@@ -153,11 +168,8 @@ def read_model(path: str | os.PathLike) -> GGUFModel:
         except LoraforgeError:
             raise file_error(path, f"unknown tensor {t.name!r} for architecture "
                                    f"{meta['general.architecture']!r}") from None
-        data = gf.data(t)
         heads = qk_heads(hf_name, cfg.num_attention_heads, cfg.num_key_value_heads)
-        if permute and heads is not None:
-            data = permute_qk_gguf_to_hf(data, heads)
-        tensors[hf_name] = RawTensor(qtype, shape, data)
+        tensors[hf_name] = RawTensor(qtype, shape, gf.data(t), heads if permute else None)
     _check_complete(cfg, tensors, path)
     return GGUFModel(cfg, meta, tensors, path)
 

@@ -1,1 +1,1 @@
-"""Frozen base weights kept compressed in memory: ggml blocks and NF4."""
+"""Frozen base weights kept compressed in memory: ggml formats (held split as int8 + factors) and NF4."""
