@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LoraforgeError
-from .ggml import bytes_per_row, check_supported, dequantize, is_block_quantized, split_groups, type_name
+from .ggml import check_supported, dequantize, is_block_quantized, split_groups, type_name
 
 # Weights decoded at once: larger matrices go by slices of rows (16 MiB of float32).
 CHUNK_ELEMENTS = 1 << 22
@@ -103,13 +103,7 @@ class _QuantTable(nn.Module):
             q, scale, offset = shared.q, shared.scale, shared.offset
         elif is_block_quantized(self.qtype):
             q, scale, offset = split_groups(raw, self.qtype, self.n_rows, self.n_cols)
-        else:
-            row_bytes = bytes_per_row(self.qtype, self.n_cols)
-            if raw.numel() * raw.element_size() != self.n_rows * row_bytes:
-                raise LoraforgeError(
-                    f"{type_name(qtype)} tensor of {n_rows}x{n_cols} needs {self.n_rows * row_bytes} "
-                    f"bytes, got {raw.numel() * raw.element_size()}"
-                )
+        else:  # dequantize checks the byte count and views the bytes in their own dtype
             native = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}[type_name(qtype)]
             q, scale, offset = dequantize(raw, self.qtype, (self.n_rows, self.n_cols), native), None, None
         self.register_buffer("q", q)
