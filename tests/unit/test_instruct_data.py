@@ -333,6 +333,29 @@ def test_generation_prompt_matches_training_prompt(tok):
         assert template.prompt(messages) == segs[0][0]
 
 
+def test_generation_prompt_ids_are_the_trained_prompt_ids(tok, tmp_path):
+    """generate/chat --template: the prompt's token ids are exactly those training gave the prompt part,
+    including BOS handling and the EOS id after an earlier reply (multi-turn)."""
+    from loraforge.data.instruct import prompt_token_ids, tokenize_conversation
+
+    korean = tmp_path / "ko.txt"
+    korean.write_text("### 지시:\n{instruction}\n\n### 응답:\n{output}", encoding="utf-8")
+    first = [{"role": "user", "content": "한국의 수도는?"}]
+    for spec in ("alpaca", "chatml", "model", str(korean)):
+        template = get_template(spec, tok)
+        record = {"row": 1, "messages": first + [{"role": "assistant", "content": "서울"}]}
+        ids, labels = tokenize_conversation(template.render(record), tok)
+        prompt = prompt_token_ids(template, tok, first)
+        n = labels.index(next(y for y in labels if y != IGNORE_INDEX)) + 1  # first trained position + 1
+        assert ids[:n] == prompt, spec
+        # a second turn: the prompt continues the trained first exchange token for token
+        two = record["messages"] + [{"role": "user", "content": "일본은?"}]
+        trained_two, _ = tokenize_conversation(template.render(
+            {"row": 1, "messages": two + [{"role": "assistant", "content": "도쿄"}]}), tok)
+        prompt_two = prompt_token_ids(template, tok, two)
+        assert prompt_two[:len(ids)] == ids and trained_two[:len(prompt_two)] == prompt_two, spec
+
+
 # -- Chinese text, lengths, splits ---------------------------------------------------------------------
 
 def test_chinese_text_round_trips(tok, tmp_path):

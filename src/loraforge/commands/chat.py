@@ -9,8 +9,9 @@ import os
 import sys
 from typing import Any, Callable, Iterator
 
-from loraforge.commands.generate import (add_model_arguments, check_common_arguments, context_size,
-                                         load_for_generation, sampler_from_args)
+from loraforge.commands.generate import (add_model_arguments, check_common_arguments, check_template_flag,
+                                         context_size, load_for_generation, sampler_from_args,
+                                         template_from_args)
 from loraforge.errors import LoraforgeError, file_error
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -22,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--messages", metavar="FILE", default=None,
                         help="JSON list of {role, content} (or one per line, JSONL): run its turns "
                              "without a terminal, printing each assistant reply")
+    parser.add_argument("--template", metavar="NAME|FILE", default=None,
+                        help="render the conversation with a finetune template (alpaca, chatml, model, raw "
+                             "or a template file) instead of the model's own chat template")
     add_model_arguments(parser)
 
 
@@ -72,7 +76,7 @@ class ChatSession:
     runs only the tokens not yet cached, and streams the reply until an end-of-turn token."""
 
     def __init__(self, loaded: Any, settings: Any, n_predict: int, ctx_size: int,
-                 write: Callable[[str], None], show_special: bool = False) -> None:
+                 write: Callable[[str], None], show_special: bool = False, template: Any = None) -> None:
         from loraforge.generate import GenerationStats, KVSession
 
         self.loaded, self.tokenizer = loaded, loaded.tokenizer
@@ -83,13 +87,18 @@ class ChatSession:
         self.write, self.show_special = write, show_special
         self.stats = GenerationStats()  # all turns
         self.last_turn = GenerationStats()
-        if self.tokenizer.chat_template is None:
+        self.template = template  # a data.templates.Template, or None for the model's chat template
+        if template is None and self.tokenizer.chat_template is None:
             raise LoraforgeError(f"{loaded.source}: the model has no chat template "
-                                 "(use `loraforge generate` for plain text)")
+                                 "(use --template, or `loraforge generate` for plain text)")
 
     def prompt_ids(self) -> list[int]:
         """Token ids of the conversation so far plus the assistant's opening."""
         tok = self.tokenizer
+        if self.template is not None:
+            from loraforge.data.instruct import prompt_token_ids
+
+            return prompt_token_ids(self.template, tok, self.messages)
         text = tok.render_chat(self.messages, add_generation_prompt=True)
         bos_text = tok.decode([tok.bos_id]) if tok.bos_id is not None else None
         already_has_bos = bool(bos_text) and text.startswith(bos_text)
@@ -176,13 +185,15 @@ def run(args: argparse.Namespace) -> int:
     from loraforge.generate import write_utf8
 
     adapters = check_common_arguments(args)
+    check_template_flag(args)
     file_messages = read_messages(args.messages) if args.messages else None
     if file_messages and args.system is not None and file_messages[0]["role"] == "system":
         raise file_error(args.messages, "starts with a system message and --system was also given")
     settings = sampler_from_args(args)
     loaded, summary = load_for_generation(args, adapters)
     chat = ChatSession(loaded, settings, args.n_predict, context_size(args, loaded),
-                       lambda text: write_utf8(sys.stdout, text), show_special=args.special)
+                       lambda text: write_utf8(sys.stdout, text), show_special=args.special,
+                       template=template_from_args(args, loaded.tokenizer))
     print(summary, file=sys.stderr)
     if args.system is not None:
         chat.messages.append({"role": "system", "content": args.system})

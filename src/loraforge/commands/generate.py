@@ -6,30 +6,22 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from typing import Any
 
+from loraforge.commands.common import add_adapter_flags, add_model_flag, add_runtime_flags
 from loraforge.errors import LoraforgeError, file_error
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Model, adapter, context, device and sampling flags shared by `generate` and `chat`."""
     g = parser.add_argument_group("model")
-    g.add_argument("-m", "--model", metavar="PATH", default=None,
-                   help="GGUF file or Hugging Face folder (default: the embedded SmolLM2-135M-Instruct)")
-    g.add_argument("--lora", metavar="FILE", action="append", default=[],
-                   help="LoRA adapter (GGUF, PEFT folder or checkpoint) at scale 1; repeatable")
-    g.add_argument("--lora-scaled", metavar=("FILE", "SCALE"), nargs=2, action="append", default=[],
-                   help="LoRA adapter at a user scale; repeatable; adapters add up")
+    add_model_flag(g)
+    add_adapter_flags(g)
     g.add_argument("-c", "--ctx-size", type=int, default=0,
                    help="context size in tokens (default 0: the model's, at most 4096)")
-    g.add_argument("-t", "--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
-    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                   help="where to run (auto: cuda when available)")
-    g.add_argument("--base-dtype", default="auto", choices=("auto", "f32", "f16", "bf16", "quantized"),
-                   help="how the base weights are held (default auto)")
+    add_runtime_flags(g)
     s = parser.add_argument_group("sampling (llama.cpp defaults and order)")
-    s.add_argument("--temp", type=float, default=0.8, help="temperature; 0 = greedy (default 0.8)")
+    s.add_argument("--temp", "--temperature", type=float, default=0.8, help="temperature; 0 = greedy (default 0.8)")
     s.add_argument("--top-k", type=int, default=40, help="top-k; 0 = off (default 40)")
     s.add_argument("--top-p", type=float, default=0.95, help="top-p; 1.0 = off (default 0.95)")
     s.add_argument("--min-p", type=float, default=0.05, help="min-p; 0 = off (default 0.05)")
@@ -46,6 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-p", "--prompt", default=None, help="prompt text")
     parser.add_argument("-f", "--file", metavar="FILE", default=None, help="read the prompt from a UTF-8 file")
     parser.add_argument("--no-display-prompt", action="store_true", help="do not echo the prompt")
+    parser.add_argument("--template", metavar="NAME|FILE", default=None,
+                        help="format the prompt as an instruction the way finetune's --template trained it "
+                             "(alpaca, chatml, model, raw or a template file); default: plain text")
+    parser.add_argument("--system", default=None, help="system text for --template")
     add_model_arguments(parser)
 
 
@@ -81,26 +77,28 @@ def load_for_generation(args: argparse.Namespace, adapters: list[tuple[str, floa
 
     Returns the LoadedModel and a one-line summary for stderr (printed once all checks passed).
     """
-    import torch
+    from loraforge.commands.common import load_with_adapters
 
-    from loraforge.generate import attach_adapters
-    from loraforge.loader import load_model
+    return load_with_adapters(args, adapters)
 
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and not torch.cuda.is_available():
-        raise LoraforgeError("--device cuda: no CUDA device is available to torch")
-    t0 = time.perf_counter()
-    loaded = load_model(args.model, base_dtype=args.base_dtype, device=device)
-    attach_adapters(loaded.model, adapters, loaded.config)
-    loaded.model.eval()
-    names = ", ".join(f"{os.path.basename(p)} x{s:g}" for p, s in adapters) or "none"
-    summary = (f"model: {loaded.source} ({loaded.base_dtype}, {device}); adapters: {names}; "
-               f"load time {time.perf_counter() - t0:.1f} s")
-    return loaded, summary
+
+def template_from_args(args: argparse.Namespace, tokenizer: Any):
+    """The `--template` as a data.templates.Template, or None for plain text / the model's chat template."""
+    if not getattr(args, "template", None):
+        return None
+    from loraforge.data.templates import get_template
+
+    return get_template(args.template, tokenizer)
+
+
+def check_template_flag(args: argparse.Namespace) -> None:
+    """A --template that names neither a template nor a file fails before the model loads."""
+    from loraforge.data.templates import TEMPLATE_NAMES
+
+    spec = getattr(args, "template", None)
+    if spec and spec not in TEMPLATE_NAMES and not os.path.isfile(spec):
+        raise LoraforgeError(f"--template: {spec!r} is neither a template name ({', '.join(TEMPLATE_NAMES)}) "
+                             "nor an existing file")
 
 
 def read_prompt(args: argparse.Namespace) -> str:
@@ -133,17 +131,28 @@ def run(args: argparse.Namespace) -> int:
                                     stream_text, write_utf8)
 
     adapters = check_common_arguments(args)
+    check_template_flag(args)
+    if args.system is not None and not args.template:
+        raise LoraforgeError("--system needs --template (plain-text generation has no system part)")
     prompt = read_prompt(args)
     settings = sampler_from_args(args)
     loaded, summary = load_for_generation(args, adapters)
     tokenizer = loaded.tokenizer
-    ids = tokenizer.encode(prompt)
+    template = template_from_args(args, tokenizer)
+    if template is not None:
+        from loraforge.data.instruct import prompt_token_ids
+
+        ids = prompt_token_ids(template, tokenizer, [{"role": "user", "content": prompt}], args.system)
+        shown = tokenizer.decode([i for i in ids if i != tokenizer.bos_id])
+    else:
+        ids = tokenizer.encode(prompt)
+        shown = prompt
     if not ids:
         raise LoraforgeError("the prompt is empty and the model adds no BOS token: give -p or -f")
     print(summary, file=sys.stderr)
     stats = GenerationStats()
-    if prompt and not args.no_display_prompt:
-        write_utf8(sys.stdout, prompt)
+    if shown and not args.no_display_prompt:
+        write_utf8(sys.stdout, shown)
     # -n N: N tokens, plus the few more that finish a character cut in half at the limit
     limit = args.n_predict if args.n_predict >= 0 else None
     n_predict = args.n_predict + MAX_TOKENS_TO_FINISH_CHARACTER if limit is not None else -1

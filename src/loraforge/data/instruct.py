@@ -218,6 +218,15 @@ def tokenize_conversation(segments: list[Segment], tokenizer: Any, train_on_inpu
     return ids, labels
 
 
+def prompt_token_ids(template: Template, tokenizer: Any, messages: list[dict[str, str]],
+                     system: str | None = None) -> list[int]:
+    """Token ids a tuned model is given to answer the last user message, exactly as training
+    tokenized that template: the same segments, EOS ids after earlier replies, BOS as trained."""
+    msgs = ([{"role": "system", "content": system}] if system else []) + list(messages)
+    ids, _ = tokenize_conversation(template.render({"messages": msgs}), tokenizer)
+    return ids
+
+
 # -- records -> samples ---------------------------------------------------------------------
 
 def build_samples(records: Sequence[dict], template: Template, tokenizer: Any, *,
