@@ -36,19 +36,40 @@ class Schedule:
             raise LoraforgeError("warmup steps must be >= 0 and cosine decay steps > 0")
 
     def __call__(self, step: int) -> float:
-        """Multiplier of the base learning rate at 1-based optimizer step `step`."""
-        if step < self.warmup_steps:
-            return step / self.warmup_steps
-        if self.kind == "constant":
-            return 1.0
+        """Multiplier of the base learning rate at 1-based optimizer step `step`.
+
+        `llama` follows llama.cpp's finetune (step / warmup during warmup, so the first step
+        already moves). The HF kinds follow transformers' `get_*_schedule_with_warmup` with
+        their 0-based step count: the first warmup step runs at 0, and the last step of a
+        linear or cosine decay runs at 1 / (total - warmup) of the peak, not at 0.
+        """
         if self.kind == "llama":
+            if step < self.warmup_steps:
+                return step / self.warmup_steps
             return _cosine_restart(step - self.warmup_steps, self.cos_decay_steps, self.cos_min,
                                    self.cos_restart, self.enable_restart)
+        s = step - 1  # transformers' LambdaLR counts steps from 0
+        if s < self.warmup_steps:
+            return s / max(1, self.warmup_steps)
+        if self.kind == "constant":
+            return 1.0
         span = max(1, self.total_steps - self.warmup_steps)
-        progress = min(1.0, (step - self.warmup_steps) / span)
         if self.kind == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
+            return max(0.0, (self.total_steps - s) / span)
+        progress = (s - self.warmup_steps) / span
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def warmup_steps_for(total_steps: int, warmup_steps: int | None, warmup_ratio: float | None,
+                     kind: str) -> int:
+    """Warmup length as the flags give it: explicit steps, else ceil(ratio x total) as
+    transformers computes it (0.03 of 5 steps is 1 step), else llama.cpp's 100 for its
+    schedule and 0 for the others."""
+    if warmup_steps is not None:
+        return warmup_steps
+    if warmup_ratio:
+        return math.ceil(warmup_ratio * total_steps)
+    return 100 if kind == "llama" else 0
 
 
 def _cosine_restart(step: int, decay_steps: int, minimum: float, restart_mult: float, restart: bool) -> float:
@@ -61,8 +82,19 @@ def _cosine_restart(step: int, decay_steps: int, minimum: float, restart_mult: f
     return (1.0 - minimum) * cos + minimum
 
 
+OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit")
+
+
+def check_optimizer(name: str, device: torch.device) -> None:
+    """Fail before loading anything when the optimizer cannot run here."""
+    if name not in OPTIMIZERS:
+        raise LoraforgeError(f"--optim {name!r}: choose one of {', '.join(OPTIMIZERS)}")
+    if name != "adamw_torch":
+        raise LoraforgeError(f"--optim {name} is not available in this build (use adamw_torch)")
+
+
 def make_optimizer(params: list[nn.Parameter], lr: float, weight_decay: float, beta1: float, beta2: float,
-                   eps: float = 1e-8, decay_min_ndim: int = 2) -> torch.optim.AdamW:
+                   eps: float = 1e-8, decay_min_ndim: int = 2, name: str = "adamw_torch") -> torch.optim.AdamW:
     """AdamW; weight decay only on tensors with at least `decay_min_ndim` dims (as llama.cpp)."""
     if lr <= 0:
         raise LoraforgeError(f"learning rate must be positive, got {lr}")
