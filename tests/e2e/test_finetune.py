@@ -59,7 +59,7 @@ def test_seed_command_leaves_the_seed_files(tmp_path: Path, smollm2_path: str, c
         "chk-lora-smollm2-shakespeare-2.gguf", "chk-lora-smollm2-shakespeare-4.gguf",
         "chk-lora-smollm2-shakespeare-LATEST.gguf",
         "lora-smollm2-shakespeare-2.bin", "lora-smollm2-shakespeare-4.bin", "lora-smollm2-shakespeare-LATEST.bin",
-        "lora-smollm2-shakespeare-metrics.jsonl"])
+        "lora-smollm2-shakespeare-metrics.jsonl", "lora-smollm2-shakespeare-metrics.png"])
     assert (tmp_path / "lora-smollm2-shakespeare-4.bin").read_bytes() == \
         (tmp_path / "lora-smollm2-shakespeare-LATEST.bin").read_bytes()
     iter_lines = [line for line in out.splitlines() if line.startswith("train_opt_callback: iter=")]

@@ -199,6 +199,7 @@ def _gguf_checkpoint(reader, meta: dict[str, Any], path: str) -> dict[str, Any]:
         "base_fingerprint": train.get("base_fingerprint"),
         "lora_tensors": sum(t.name.startswith("lora.") for t in reader.tensors),
         "optimizer_tensors": sum(t.name.startswith("adam.") for t in reader.tensors),
+        "run_spec": state.get("train_config") or None,  # the run spec of the run that wrote it
     }
 
 
@@ -408,6 +409,10 @@ def format_text(info: dict[str, Any]) -> str:
         rows += [("iteration", str(info["iteration"])), ("epoch", str(info["epoch"])),
                  ("tokens seen", str(info["tokens_seen"])), ("LoRA tensors", str(info["lora_tensors"])),
                  ("optimizer tensors", str(info["optimizer_tensors"]))]
+        for section, values in (info.get("run_spec") or {}).items():
+            if isinstance(values, dict):
+                changed = ", ".join(f"{k}={v}" for k, v in values.items() if v not in (None, "", False))
+                rows.append((f"run: {section}", changed or "-"))
     width = max(len(label) for label, _ in rows)
     lines = [f"{label:<{width}}  {value}" for label, value in rows]
     template = info.get("chat_template")

@@ -130,6 +130,14 @@ class TextSamples:
         return torch.tensor(inputs), torch.tensor(target)
 
 
+def disjoint_windows(samples: TextSamples, max_windows: int = 0) -> TextSamples:
+    """Keep every ctx-th window, so each token is predicted once (for evaluation); at most
+    `max_windows` of them (0: all)."""
+    keep = slice(None, max_windows * samples.ctx if max_windows else None, samples.ctx)
+    samples.begins, samples.sizes = samples.begins[keep], samples.sizes[keep]
+    return samples
+
+
 def unescape(s: str) -> str:
     """Process \\n, \\t, \\\\ ... escapes as llama.cpp's --escape does."""
     return s.encode("utf-8").decode("unicode_escape").encode("latin-1").decode("utf-8")

@@ -1,170 +1,206 @@
-"""One fine-tuning run from parsed `finetune` arguments: load, build data, resume, train, save.
+"""One fine-tuning run from a `RunSpec`: check, load, build data, resume, train, save.
 
 Output follows llama.cpp's finetune: a start-up report, one line per iteration
 (iter, sample, sched, loss, dt, eta), checkpoints and adapters named by the ITERATION
 pattern plus LATEST copies, and an end summary (time, tokens/s, peak memory).
+
+Order matters for the user's time and files: everything that can be checked without the model
+(inputs, output paths, trackers, the output lock) is checked before the model loads; what needs
+the model (LoRA shapes, data length, resume compatibility) before the first step.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import resource
-import sys
+import signal
 import time
 from typing import Any
 
 import torch
 
-from loraforge.atomic import atomic_copy
 from loraforge.errors import LoraforgeError, file_error
 from loraforge.lora import LoraConfig, count_parameters, inject, load_adapter_tensors, to_adapter
-from loraforge.train.checkpoint import (TrainState, load_checkpoint, restore_optimizer, restore_rng,
-                                        save_checkpoint)
-from loraforge.train.loop import LoopOptions, StepLog, format_hms, train
-from loraforge.train.optim import Schedule, make_optimizer
+from loraforge.runtime import peak_memory_text, peak_rss_bytes, resolve_device, set_threads
+from loraforge.train.checkpoint import TrainState, load_checkpoint, restore_optimizer, restore_rng
+from loraforge.train.loop import LoopHooks, LoopOptions, train
+from loraforge.train.optim import Schedule, make_optimizer, warmup_steps_for
+from loraforge.train.outputs import (RunLock, check_output_path, check_run_outputs, pattern_path,
+                                     refuse_same_file, remove_stale_temps)
+from loraforge.train.report import Metrics, StepPrinter, Trackers, check_trackers, format_hms, out, warn
+from loraforge.train.saver import Saver
+from loraforge.train.spec import NORM_RANKS, RANK_MODULES, RunSpec
 
 DEFAULT_ITERS = 256
+EXIT_INTERRUPTED = 130
 
 
-def out(msg: str) -> None:
-    print(msg, flush=True)
+def lora_config(spec: RunSpec, tied: bool) -> LoraConfig:
+    """The adapter layout from the LoRA section: default rank, --rank-* per tensor type, targets."""
+    s = spec.lora
+    cfg = LoraConfig(r=s.lora_r, alpha=s.lora_alpha, dropout=s.lora_dropout, use_rslora=s.use_rslora,
+                     target_modules=s.target_modules)
+    ranks: dict[str, int] = {}
+    extra_targets = []
+    for name, module in RANK_MODULES.items():
+        value = getattr(s, name)
+        if value is None:
+            continue
+        if module == "lm_head" and tied and value > 0:
+            warn(f"--rank-out {value} ignored: this model ties its output to the token embeddings and has "
+                 "no output tensor, so llama.cpp could not load an output adapter")
+            continue
+        if module == "embed_tokens" and tied and value > 0:
+            raise LoraforgeError(
+                f"--rank-tok-embd {value}: this model ties its output layer to the token embeddings, and "
+                "llama.cpp applies a token_embd adapter to that output too, so the adapter could not be "
+                "loaded there; train without it (--rank-tok-embd 0), or train it and deploy with "
+                "`loraforge merge` (which writes a separate output matrix)")
+        ranks[module] = value
+        if value > 0 and module not in cfg.target_modules:
+            extra_targets.append(module)
+    for name in NORM_RANKS:
+        if getattr(s, name):
+            warn(f"--{name.replace('_', '-')} {getattr(s, name)} ignored: norm adapters are not trained, since "
+                 "llama.cpp ignores *_norm tensors in LoRA files (the trained result would be lost)")
+    return LoraConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, use_rslora=cfg.use_rslora,
+                      target_modules=cfg.target_modules + tuple(extra_targets), rank_pattern=ranks)
 
 
-def warn(msg: str) -> None:
-    print(f"warning: {msg}", file=sys.stderr, flush=True)
+def make_schedule(spec: RunSpec, total_steps: int) -> Schedule:
+    o = spec.optimizer
+    warmup = warmup_steps_for(total_steps, o.warmup, o.warmup_ratio, o.lr_scheduler)
+    schedule = Schedule(kind=o.lr_scheduler, warmup_steps=warmup, total_steps=total_steps,
+                        cos_decay_steps=o.cos_decay_steps, cos_min=o.cos_decay_min,
+                        cos_restart=o.cos_decay_restart, enable_restart=o.enable_restart)
+    if warmup > total_steps:
+        flag = "--warmup-ratio" if o.warmup is None and o.warmup_ratio else "--warmup"
+        warn(f"warmup ({warmup} iterations, {flag}) is longer than this run ({total_steps} iterations): "
+             f"the learning rate only reaches {schedule(total_steps):.2f} x --lr; "
+             f"use e.g. --warmup {max(1, total_steps // 10)} (a tenth of the run)")
+    return schedule
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise LoraforgeError(f"--device {name}: CUDA is not available on this machine")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise LoraforgeError(f"--device {name!r} is not a device (auto, cpu, cuda, cuda:N)") from None
+def total_steps(spec: RunSpec, source: Any, state: TrainState) -> int:
+    """The step count this invocation trains up to.
+
+    --adam-iter N runs N more iterations (llama.cpp: a resumed run continues for N more);
+    --max-steps N and --epochs E are totals, so re-running the same command after an
+    interruption finishes the planned run.
+    """
+    loop = spec.loop
+    if loop.adam_iter is not None:
+        return state.iteration + loop.adam_iter
+    if loop.max_steps is not None:
+        return loop.max_steps
+    if loop.epochs is not None:
+        per_step = source.items_per_batch * loop.grad_acc
+        return max(1, int(round(loop.epochs * source.n_items / per_step)))
+    return state.iteration + DEFAULT_ITERS
 
 
-def pattern_path(pattern: str, tag: int | str) -> str:
-    return pattern.replace("ITERATION", str(tag))
+def default_metrics_path(lora_pattern: str) -> str:
+    root, _ = os.path.splitext(pattern_path(lora_pattern, "metrics"))
+    return root + ".jsonl"
 
 
-def peak_memory_text(device: torch.device) -> str:
-    rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    text = f"peak RSS {rss_mib:.0f} MiB"
-    if device.type == "cuda":
-        text += f", max GPU reserved {torch.cuda.max_memory_reserved(device) / 2**30:.2f} GiB"
-    return text
+class Interrupt:
+    """The first Ctrl-C asks the loop to stop after the current step and save; a second aborts."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous = None
+
+    def __enter__(self) -> "Interrupt":
+        try:
+            self.previous = signal.signal(signal.SIGINT, self._handler)
+        except ValueError:  # not the main thread: no handler, Ctrl-C behaves as usual
+            self.previous = None
+        return self
+
+    def _handler(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        warn("Ctrl-C: finishing this iteration, then saving a checkpoint (press Ctrl-C again to abort "
+             "without saving)")
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def run_finetune(spec: RunSpec) -> int:
+    """Run a fine-tune; returns the process exit status (0, or 130 after a Ctrl-C stop)."""
+    return Finetune(spec).run()
 
 
 class Finetune:
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
-        self.device = resolve_device(args.device)
+    def __init__(self, spec: RunSpec) -> None:
+        self.spec = spec
+        self.device = resolve_device(spec.model.device)
+        o = spec.outputs
+        self.metrics_path = o.metrics_out or default_metrics_path(o.lora_out)
+        self.plot_path = os.path.splitext(self.metrics_path)[0] + ".png"
+        self.trackers_wanted = spec.report_targets()
+        self.eval_losses: list[tuple[int, float]] = []  # (iteration, held-out loss) of this invocation
 
-    # -- configuration ---------------------------------------------------------------------------
-    def lora_config(self, tied: bool) -> LoraConfig:
-        a = self.args
-        from loraforge.commands.finetune import NORM_RANK_FLAGS, RANK_FLAGS
+    # -- before the model loads ---------------------------------------------------------------
+    def check_before_loading(self) -> None:
+        from loraforge.data.sources import check_input_files
+        from loraforge.loader import resolve_model_path
+        from loraforge.train.optim import check_optimizer
 
-        targets = a.target_modules or "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-        cfg = LoraConfig(r=a.lora_r, alpha=a.lora_alpha, dropout=a.lora_dropout, use_rslora=a.use_rslora,
-                         target_modules=targets)
-        ranks: dict[str, int] = {}
-        extra_targets = []
-        for flag, module in RANK_FLAGS.items():
-            value = getattr(a, f"rank_{flag}")
-            if value is None:
-                continue
-            if value < 0:
-                raise LoraforgeError(f"--rank-{flag} must be >= 0, got {value}")
-            if module == "lm_head" and tied and value > 0:
-                warn(f"--rank-out {value} ignored: this model ties its output to the token embeddings and has "
-                     "no output tensor, so llama.cpp could not load an output adapter")
-                continue
-            ranks[module] = value
-            if value > 0 and module not in cfg.target_modules:
-                extra_targets.append(module)
-        for flag in NORM_RANK_FLAGS:
-            value = getattr(a, f"rank_{flag}")
-            if value:
-                warn(f"--rank-{flag.replace('_', '-')} {value} ignored: norm adapters are not trained, since "
-                     "llama.cpp ignores *_norm tensors in LoRA files (the trained result would be lost)")
-        return LoraConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, use_rslora=cfg.use_rslora,
-                          target_modules=cfg.target_modules + tuple(extra_targets), rank_pattern=ranks)
+        s, o = self.spec, self.spec.outputs
+        set_threads(s.model.threads)
+        resolve_model_path(s.model.model_base)
+        check_input_files(s.data)
+        check_optimizer(s.optimizer.optim, self.device)
+        check_trackers(self.trackers_wanted)
+        refuse_same_file({"--checkpoint-out": pattern_path(o.checkpoint_out, "LATEST"),
+                          "--lora-out": pattern_path(o.lora_out, "LATEST"),
+                          "--metrics-out": self.metrics_path, "--peft-out": o.peft_out,
+                          "--train-data": s.data.train_data, "--model-base": s.model.model_base})
+        for what, pattern in (("--checkpoint-out", o.checkpoint_out), ("--lora-out", o.lora_out)):
+            check_output_path(pattern_path(pattern, "LATEST"), what)
+        check_output_path(self.metrics_path, "--metrics-out")
+        if o.peft_out:
+            if os.path.exists(o.peft_out) and not os.path.isdir(o.peft_out):
+                raise file_error(o.peft_out, "exists and is not a folder (--peft-out is a folder)")
+            if not os.path.isdir(o.peft_out):
+                check_output_path(o.peft_out, "--peft-out")  # its parent folder must take a new folder
+        if os.path.isdir(o.checkpoint_in):
+            raise file_error(o.checkpoint_in, "is a folder, expected a checkpoint file (--checkpoint-in)")
 
-    def schedule(self, total_steps: int) -> Schedule:
-        a = self.args
-        warmup = a.warmup
-        if warmup is None:
-            warmup = round(a.warmup_ratio * total_steps) if a.warmup_ratio else (100 if a.lr_scheduler == "llama"
-                                                                                else 0)
-        return Schedule(kind=a.lr_scheduler, warmup_steps=warmup, total_steps=total_steps,
-                        cos_decay_steps=a.cos_decay_steps, cos_min=a.cos_decay_min,
-                        cos_restart=a.cos_decay_restart, enable_restart=a.enable_restart)
+    # -- run ------------------------------------------------------------------------------------
+    def run(self) -> int:
+        s, o = self.spec, self.spec.outputs
+        self.check_before_loading()
+        with RunLock([o.checkpoint_out, o.lora_out, self.metrics_path]):
+            remove_stale_temps([o.checkpoint_out, o.lora_out, self.metrics_path, self.plot_path], out)
+            return self._run_locked()
 
-    # -- data ------------------------------------------------------------------------------------
-    def build_data(self, loaded, seed: int) -> tuple[Any, Any, str, dict[str, Any]]:
-        """(train source, eval source or None, data fingerprint, report numbers)."""
-        from loraforge.commands.finetune import DATASET_SUFFIXES
-
-        a = self.args
-        path = a.train_data or _bundled_text()
-        if os.path.splitext(path)[1].lower() in DATASET_SUFFIXES and a.data_format != "text":
-            from loraforge.data.sources import build_instruction_sources
-
-            return build_instruction_sources(a, path, loaded.tokenizer, seed, out)
-        return self._text_data(path, loaded)
-
-    def _text_data(self, path: str, loaded) -> tuple[Any, Any, str, dict[str, Any]]:
-        from loraforge.data.text import TextSampleOptions, TextSamples, data_fingerprint, read_text_file, unescape
-
-        a, tok, cfg = self.args, loaded.tokenizer, loaded.config
-        if a.ctx > cfg.max_position_embeddings:
-            raise LoraforgeError(f"--ctx {a.ctx} is above the model's context length "
-                                 f"{cfg.max_position_embeddings}")
-        text = read_text_file(path)
-        out(f"finetune: tokenize training data from {path}")
-        tokens = tok.encode(text, add_bos=False, parse_special=False)
-        sample_start = unescape(a.sample_start) if a.escape else a.sample_start
-        start_ids = tok.encode(sample_start, add_bos=False, parse_special=False) if sample_start else None
-        opts = TextSampleOptions(sample_start, a.include_sample_start, a.escape, a.overlapping_samples,
-                                 a.fill_with_next_samples, a.separate_with_eos, a.separate_with_bos)
-        eos = tok.eos_id if tok.eos_id is not None else 0
-        bos = tok.bos_id if tok.bos_id is not None else eos
-        samples = TextSamples(tokens, a.ctx, bos, eos, cfg.vocab_size, opts, start_ids, batch_size=a.batch)
-        if len(tokens) < 2:
-            raise file_error(path, "has too little text: fewer than 2 tokens")
-        out(f"finetune: sample-start: {sample_start!r}")
-        out(f"finetune: include-sample-start: {str(a.include_sample_start).lower()}")
-        out(f"tokenize_file: total number of samples: {len(samples)}")
-        out(f"finetune: number of training tokens: {len(tokens)}")
-        out(f"finetune: number of unique tokens: {len(set(tokens))}")
-        return samples, None, data_fingerprint(text + f"|ctx={a.ctx}|{sample_start}"), {"tokens": len(tokens)}
-
-    # -- run -------------------------------------------------------------------------------------
-    def run(self) -> None:
+    def _run_locked(self) -> int:
+        from loraforge.data.sources import build_sources
         from loraforge.loader import load_model
 
-        a = self.args
-        seed = a.seed if a.seed >= 0 else int(time.time()) % (2**31)
+        s, o = self.spec, self.spec.outputs
+        seed = s.model.seed if s.model.seed >= 0 else int(time.time()) % (2**31)
         ckpt = None
-        if a.checkpoint_in and os.path.exists(a.checkpoint_in):
-            ckpt = load_checkpoint(a.checkpoint_in)
-            if a.seed >= 0 and a.seed != ckpt.state.seed:
-                warn(f"--seed {a.seed} ignored: resuming with the checkpoint's seed {ckpt.state.seed}")
+        if o.checkpoint_in and os.path.exists(o.checkpoint_in):
+            ckpt = load_checkpoint(o.checkpoint_in)
+            if s.model.seed >= 0 and s.model.seed != ckpt.state.seed:
+                warn(f"--seed {s.model.seed} ignored: resuming with the checkpoint's seed {ckpt.state.seed}")
             seed = ckpt.state.seed
         out(f"finetune: seed: {seed}")
-        loaded = load_model(a.model_base, a.base_dtype, self.device, a.quantize)
+        loaded = load_model(s.model.model_base, s.model.base_dtype, self.device, s.model.quantize)
         cfg, model = loaded.config, loaded.model
         out(f"finetune: model base = '{loaded.source}' ({cfg.arch}, {cfg.num_hidden_layers} layers, "
             f"n_embd {cfg.hidden_size}, n_head {cfg.num_attention_heads}/{cfg.num_key_value_heads}, "
             f"n_ff {cfg.intermediate_size}, n_vocab {cfg.vocab_size}; base kept as {loaded.base_dtype} "
             f"on {self.device})")
-        lora_cfg = self.lora_config(cfg.tie_word_embeddings)
-        source, eval_source, data_fp, _ = self.build_data(loaded, seed)
+        lora_cfg = lora_config(s, cfg.tie_word_embeddings)
+        data = build_sources(s.data, loaded.tokenizer, cfg, seed, out)
+        source, eval_source = data.train, data.eval
         if source.n_items == 0:
             raise LoraforgeError("no training samples (the data is shorter than --ctx?)")
 
@@ -172,17 +208,100 @@ class Finetune:
         wrapped = inject(model, lora_cfg)
         if not wrapped:
             raise LoraforgeError("no module gets a LoRA adapter: every rank is 0")
-        model.gradient_checkpointing = a.checkpointing
+        model.gradient_checkpointing = s.model.checkpointing
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = make_optimizer(params, a.lr, a.weight_decay, a.adam_beta1, a.adam_beta2)
-        state = TrainState(seed=seed, n_items=source.n_items, data_fingerprint=data_fp,
+        opt = s.optimizer
+        optimizer = make_optimizer(params, opt.lr, opt.weight_decay, opt.adam_beta1, opt.adam_beta2, name=opt.optim)
+        state = TrainState(seed=seed, n_items=source.n_items, data_fingerprint=data.fingerprint,
                            base_fingerprint=loaded.fingerprint)
+        saver = Saver(s, model, optimizer, lora_cfg, loaded)
         if ckpt is not None:
-            state = self._resume(ckpt, model, optimizer, lora_cfg, loaded, source, data_fp)
+            state = self._resume(ckpt, model, optimizer, lora_cfg, loaded, source, data.fingerprint, saver)
 
-        total_steps = self._total_steps(source, state)
-        n_iter = max(0, total_steps - state.iteration)
-        schedule = self.schedule(total_steps)
+        total = total_steps(s, source, state)
+        n_iter = max(0, total - state.iteration)
+        schedule = make_schedule(s, total)
+        saves = [i for i in range(state.iteration + 1, total + 1) if s.loop.save_every and i % s.loop.save_every == 0]
+        check_run_outputs({"--checkpoint-out": o.checkpoint_out, "--lora-out": o.lora_out}, saves + [total])
+        self._report_start(model, params, lora_cfg, wrapped, state, n_iter)
+
+        metrics = Metrics(self.metrics_path, resume_iteration=state.iteration if ckpt is not None else None)
+        run_name = s.logging.run_name or os.path.basename(pattern_path(o.lora_out, "run")).rsplit(".", 1)[0]
+        trackers = Trackers(self.trackers_wanted, s.logging.logging_dir or os.path.splitext(self.metrics_path)[0]
+                            + "-runs", run_name, s.to_dict())
+        printer = StepPrinter(metrics, trackers, n_iter, memory=lambda: peak_rss_bytes() / 2**20)
+        evaluate = self._evaluator(model, eval_source, printer, saver)
+        if evaluate is not None and s.loop.eval_on_start and state.iteration == 0:
+            evaluate(state)
+        opts = LoopOptions(n_iter=n_iter, lr=opt.lr, grad_acc=s.loop.grad_acc, grad_clip=opt.grad_clip,
+                           save_every=s.loop.save_every, eval_every=s.loop.eval_every, device=str(self.device))
+        started, tokens_before = time.perf_counter(), state.tokens_seen
+        try:
+            with Interrupt() as interrupt:
+                hooks = LoopHooks(printer, saver.save, evaluate, lambda: interrupt.requested)
+                state, reason = train(model, source, optimizer, schedule, opts, state, hooks)
+        finally:
+            printer.close()
+        elapsed = time.perf_counter() - started
+        if evaluate is not None and reason == "done" and (not s.loop.eval_every or state.iteration % s.loop.eval_every):
+            evaluate(state)
+        saver.finish(state)
+        tokens = state.tokens_seen - tokens_before
+        done = state.iteration - (total - n_iter)
+        out(f"finetune: done: {done} iterations in {format_hms(elapsed)} ({elapsed:.1f} s), "
+            f"{tokens / max(elapsed, 1e-9):.1f} tokens/s, {peak_memory_text(self.device)}")
+        metrics.write({"summary": True, "iterations": done, "seconds": elapsed,
+                       "tokens_per_s": tokens / max(elapsed, 1e-9), "peak_rss_mib": peak_rss_bytes() / 2**20})
+        metrics.close()
+        trackers.close()
+        if len(self.eval_losses) > 1:
+            (first_it, first), (last_it, last) = self.eval_losses[0], self.eval_losses[-1]
+            out(f"finetune: held-out loss {first:.4f} (iteration {first_it}) -> {last:.4f} (iteration {last_it})")
+        if o.plot_loss:
+            self._plot()
+        if reason == "early-stop":
+            out(f"finetune: stopped early at iteration {state.iteration}: no lower eval loss in the last "
+                f"{s.loop.early_stopping_patience} evaluations")
+        if reason == "interrupted":
+            out(f"finetune: interrupted at iteration {state.iteration}; saved, run the same command to resume")
+            return EXIT_INTERRUPTED
+        return 0
+
+    def _plot(self) -> None:
+        from loraforge.train.report import plot_losses
+
+        try:
+            plot_losses([self.metrics_path], self.plot_path, labels=["this run"])
+        except ImportError:
+            warn("no loss plot: matplotlib is not installed (pip install matplotlib)")
+            return
+        except LoraforgeError:
+            return  # nothing trained in this invocation
+        out(f"finetune: loss plot written to {self.plot_path}")
+
+    def _evaluator(self, model, eval_source, printer: StepPrinter, saver: Saver):
+        """Eval loss/perplexity on the held-out data; tracks the best; True = stop early."""
+        if eval_source is None:
+            return None
+        from loraforge.train.evaluate import evaluate_source
+
+        patience = self.spec.loop.early_stopping_patience
+        history: dict[str, Any] = {"best": float("inf"), "since": 0, "losses": self.eval_losses}
+
+        def evaluate(state: TrainState) -> bool:
+            loss, ppl = evaluate_source(model, eval_source, self.device)
+            printer.eval(state.iteration, loss, ppl)
+            history["losses"].append((state.iteration, loss))
+            if loss < history["best"]:
+                history["best"], history["since"] = loss, 0
+                saver.new_best(state, loss)
+            else:
+                history["since"] += 1
+            return bool(patience) and history["since"] >= patience
+
+        return evaluate
+
+    def _report_start(self, model, params, lora_cfg, wrapped, state: TrainState, n_iter: int) -> None:
         trainable, total = count_parameters(model)
         lora_bytes = sum(p.numel() * p.element_size() for p in params)
         for module, rank in _rank_report(lora_cfg, wrapped).items():
@@ -194,63 +313,14 @@ class Finetune:
         out(f"finetune: lora_size = {lora_bytes} bytes ({lora_bytes / 2**20:.1f} MB); trainable params "
             f"{trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)")
         out(f"finetune: opt_size  = {2 * lora_bytes} bytes ({2 * lora_bytes / 2**20:.1f} MB)")
-        out(f"finetune: begin training ({n_iter} iterations, batch {a.batch}, grad-acc {a.grad_acc})")
+        out(f"finetune: begin training ({n_iter} iterations, batch {self.spec.data.batch}, "
+            f"grad-acc {self.spec.loop.grad_acc})")
 
-        saver = _Saver(a, model, optimizer, lora_cfg, cfg, loaded, self._train_config())
-        metrics = _Metrics(a.metrics_out or _default_metrics_path(a.lora_out), resume=ckpt is not None)
-        evaluator = None
-        if eval_source is not None:
-            from loraforge.train.evaluate import evaluate_source
-
-            def evaluator(st: TrainState) -> None:
-                loss, ppl = evaluate_source(model, eval_source, self.device)
-                out(f"eval: iter={st.iteration} eval_loss={loss:.6f} ppl={ppl:.3f}")
-                metrics.write({"iter": st.iteration, "eval_loss": loss, "eval_ppl": ppl})
-
-        printer = _StepPrinter(metrics, n_iter)
-        opts = LoopOptions(n_iter=n_iter, lr=a.lr, grad_acc=a.grad_acc, grad_clip=a.grad_clip,
-                           save_every=a.save_every, eval_every=a.eval_every, device=str(self.device))
-        started, tokens_before = time.perf_counter(), state.tokens_seen
-        state = train(model, source, optimizer, schedule, opts, state, printer, saver.save, evaluator)
-        elapsed = time.perf_counter() - started
-        printer.close()
-        if evaluator is not None and (not a.eval_every or state.iteration % a.eval_every):
-            evaluator(state)
-        if a.peft_out:
-            from loraforge.formats.peft import write_peft
-
-            write_peft(a.peft_out, to_adapter(model, lora_cfg), cfg, base_name=loaded.source)
-            out(f"finetune: PEFT adapter written to {a.peft_out}")
-        tokens = state.tokens_seen - tokens_before
-        out(f"finetune: done: {n_iter} iterations in {format_hms(elapsed)} ({elapsed:.1f} s), "
-            f"{tokens / max(elapsed, 1e-9):.1f} tokens/s, {peak_memory_text(self.device)}")
-        metrics.write({"summary": True, "iterations": n_iter, "seconds": elapsed,
-                       "tokens_per_s": tokens / max(elapsed, 1e-9),
-                       "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
-        metrics.close()
-
-    def _total_steps(self, source, state: TrainState) -> int:
-        """The step count this invocation trains up to.
-
-        --adam-iter N runs N more iterations (llama.cpp: a resumed run continues for N more);
-        --max-steps N and --epochs E are totals, so re-running the same command after an
-        interruption finishes the planned run.
-        """
-        a = self.args
-        if a.adam_iter is not None:
-            return state.iteration + a.adam_iter
-        if a.max_steps is not None:
-            return a.max_steps
-        if a.epochs is not None:
-            per_step = source.items_per_batch * a.grad_acc
-            return max(1, int(round(a.epochs * source.n_items / per_step)))
-        return state.iteration + DEFAULT_ITERS
-
-    def _resume(self, ckpt, model, optimizer, lora_cfg: LoraConfig, loaded, source, data_fp: str) -> TrainState:
+    def _resume(self, ckpt, model, optimizer, lora_cfg: LoraConfig, loaded, source, data_fp: str,
+                saver: Saver) -> TrainState:
         from loraforge.train.checkpoint import model_shape
 
-        a = self.args
-        path = a.checkpoint_in
+        path = self.spec.outputs.checkpoint_in
         if ckpt.model_shape and ckpt.model_shape != model_shape(loaded.config):
             raise file_error(path, f"was made for another model ({ckpt.model_shape}); "
                                    f"this base is {model_shape(loaded.config)}")
@@ -272,24 +342,8 @@ class Finetune:
             out("finetune: train data seems to have changed. restarting shuffled epoch.")
             state.epoch_pos, state.n_items, state.data_fingerprint = 0, source.n_items, data_fp
         out(f"finetune: resuming from {path} at iteration {state.iteration}")
+        saver.sync_latest_adapter(state)
         return state
-
-    def _train_config(self) -> dict[str, Any]:
-        keep = ("batch", "ctx", "grad_acc", "lr", "weight_decay", "adam_beta1", "adam_beta2", "grad_clip",
-                "lr_scheduler", "warmup", "cos_decay_steps", "cos_decay_min", "cos_decay_restart", "lora_r",
-                "lora_alpha", "checkpointing")
-        return {k: getattr(self.args, k) for k in keep}
-
-
-def _bundled_text() -> str:
-    from importlib import resources
-
-    return str(resources.files("loraforge") / "assets" / "shakespeare.txt")
-
-
-def _default_metrics_path(lora_pattern: str) -> str:
-    root, _ = os.path.splitext(pattern_path(lora_pattern, "metrics"))
-    return root + ".jsonl"
 
 
 def _rank_report(cfg: LoraConfig, wrapped: list[str]) -> dict[str, int]:
@@ -298,82 +352,5 @@ def _rank_report(cfg: LoraConfig, wrapped: list[str]) -> dict[str, int]:
     report = {v: 0 for v in names.values()}
     for module in wrapped:
         short = module.rsplit(".", 1)[-1]
-        report[names[short]] = cfg.rank_for(module)
+        report[names.get(short, short)] = cfg.rank_for(module)
     return report
-
-
-class _Metrics:
-    def __init__(self, path: str, resume: bool) -> None:
-        self.path = path
-        self.f = open(path, "a" if resume else "w", encoding="utf-8")
-
-    def write(self, record: dict[str, Any]) -> None:
-        self.f.write(json.dumps(record) + "\n")
-        self.f.flush()
-
-    def close(self) -> None:
-        self.f.close()
-
-
-class _StepPrinter:
-    """Per-iteration lines like llama.cpp's train_opt_callback, plus a progress bar on a terminal."""
-
-    def __init__(self, metrics: _Metrics, n_iter: int) -> None:
-        self.metrics = metrics
-        self.prev_loss: float | None = None
-        self.bar = None
-        if sys.stderr.isatty() and n_iter > 0:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=n_iter, unit="it", dynamic_ncols=True, leave=False, file=sys.stderr)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-    def __call__(self, log: StepLog) -> None:
-        bar = ""
-        if self.prev_loss is not None:
-            improvement = self.prev_loss - log.loss
-            bar = "|" + "-" * max(0, int(1 + improvement * 10 + 0.5)) + ">"
-        self.prev_loss = log.loss
-        line = (f"train_opt_callback: iter={log.iteration:6d} sample={log.sample}/{log.n_items} "
-                f"sched={log.sched:.6f} loss={log.loss:.6f} dt={format_hms(log.dt)} eta={format_hms(log.eta)} {bar}")
-        if self.bar is not None:
-            self.bar.write(line, file=sys.stdout)
-            self.bar.set_postfix(loss=f"{log.loss:.4f}")
-            self.bar.update(1)
-        else:
-            out(line)
-        self.metrics.write({"iter": log.iteration, "sample": log.sample, "epoch": log.epoch, "sched": log.sched,
-                            "lr": log.lr, "loss": log.loss, "grad_norm": log.grad_norm, "tokens": log.tokens,
-                            "dt": log.dt, "eta": log.eta})
-
-
-class _Saver:
-    """Checkpoint + adapter at ITERATION, then LATEST copies (every write atomic)."""
-
-    def __init__(self, args, model, optimizer, lora_cfg, cfg, loaded, train_config) -> None:
-        self.args, self.model, self.optimizer = args, model, optimizer
-        self.lora_cfg, self.cfg, self.loaded, self.train_config = lora_cfg, cfg, loaded, train_config
-        self.noted_bin = False
-
-    def save(self, state: TrainState) -> None:
-        from loraforge.formats.gguf_lora import write_gguf_adapter
-
-        a, it = self.args, state.iteration
-        ck = pattern_path(a.checkpoint_out, it)
-        save_checkpoint(ck, self.model, self.optimizer, self.lora_cfg, state, self.cfg, self.train_config)
-        if "ITERATION" in a.checkpoint_out:
-            atomic_copy(ck, pattern_path(a.checkpoint_out, "LATEST"))
-        lo = pattern_path(a.lora_out, it)
-        if lo.endswith(".bin") and not self.noted_bin:
-            out(f"note: {lo} holds a GGUF LoRA adapter (what llama.cpp --lora loads today), not the old ggla format")
-            self.noted_bin = True
-        adapter = to_adapter(self.model, self.lora_cfg, metadata={"base": os.path.basename(self.loaded.source),
-                                                                  "iteration": it})
-        gguf_arch = self.loaded.metadata.get("general.architecture", self.cfg.arch)
-        write_gguf_adapter(lo, adapter, self.cfg, gguf_arch)
-        if "ITERATION" in a.lora_out:
-            atomic_copy(lo, pattern_path(a.lora_out, "LATEST"))
-        out(f"save_checkpoint: saved {ck} and {lo} (iteration {it})")

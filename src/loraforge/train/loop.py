@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from loraforge.data.batch import Batch
+from loraforge.errors import LoraforgeError
 from loraforge.train.checkpoint import TrainState
 from loraforge.train.optim import Schedule, set_lr
 
@@ -53,6 +54,21 @@ class StepLog:
     eta: float  # seconds left for this call
 
 
+@dataclass
+class LoopHooks:
+    """What the loop calls out to. on_eval returns True to stop early (no improvement);
+    should_stop is polled after every step (a Ctrl-C asks for a clean stop)."""
+
+    on_step: Callable[[StepLog], None]
+    on_save: Callable[[TrainState], None]
+    on_eval: Callable[[TrainState], bool] | None = None
+    should_stop: Callable[[], bool] = lambda: False
+
+
+class NonFiniteLoss(LoraforgeError):
+    """The loss or the gradients stopped being finite numbers; no update was applied."""
+
+
 def epoch_order(n_items: int, seed: int, epoch: int) -> list[int]:
     """The shuffled item order of one epoch: a pure function of (seed, epoch)."""
     g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % (2**63))
@@ -76,16 +92,17 @@ def next_items(state: TrainState, count: int, order_cache: dict[int, list[int]])
 
 
 def train(model: nn.Module, source: BatchSource, optimizer: torch.optim.Optimizer, schedule: Schedule,
-          opts: LoopOptions, state: TrainState,
-          on_step: Callable[[StepLog], None],
-          on_save: Callable[[TrainState], None],
-          on_eval: Callable[[TrainState], None] | None = None) -> TrainState:
-    """Run `opts.n_iter` optimizer steps from `state` (which it advances), saving every `save_every`."""
+          opts: LoopOptions, state: TrainState, hooks: LoopHooks) -> tuple[TrainState, str]:
+    """Run up to `opts.n_iter` optimizer steps from `state` (which it advances), saving every
+    `save_every` and at the end. Returns the state and why it stopped: "done", "early-stop"
+    (no eval improvement) or "interrupted" (should_stop said so); a non-finite loss or gradient
+    raises NonFiniteLoss before the update, with nothing saved."""
     params = [p for p in model.parameters() if p.requires_grad]
     order_cache: dict[int, list[int]] = {}
     model.train()
     started = time.perf_counter()
     last_end = started
+    reason = "done"
     for step_in_call in range(1, opts.n_iter + 1):
         iteration = state.iteration + 1
         sched = schedule(iteration)
@@ -105,7 +122,13 @@ def train(model: nn.Module, source: BatchSource, optimizer: torch.optim.Optimize
             (loss * (n / step_tokens)).backward()
             loss_sum += float(loss.detach()) * n
             state.samples_seen += b.input_ids.shape[0]
+        step_loss = loss_sum / max(step_tokens, 1)
         grad_norm = _clip(params, opts.grad_clip)
+        if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+            what = "loss" if not math.isfinite(step_loss) else "gradient norm"
+            raise NonFiniteLoss(f"iteration {iteration}: the {what} became {step_loss if what == 'loss' else grad_norm}; "
+                                "training stopped before applying it, and the files saved so far are kept "
+                                "(try a lower --lr or --lora-alpha)")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -115,18 +138,23 @@ def train(model: nn.Module, source: BatchSource, optimizer: torch.optim.Optimize
         dt, last_end = now - last_end, now
         state.elapsed_s += dt
         per_step = (now - started) / step_in_call
-        on_step(StepLog(iteration, first_sample, state.n_items, state.epoch, sched, opts.lr * sched,
-                        loss_sum / max(step_tokens, 1), grad_norm, step_tokens, dt,
-                        per_step * (opts.n_iter - step_in_call)))
-        if on_eval is not None and opts.eval_every and iteration % opts.eval_every == 0:
-            on_eval(state)
+        hooks.on_step(StepLog(iteration, first_sample, state.n_items, state.epoch, sched, opts.lr * sched,
+                              step_loss, grad_norm, step_tokens, dt, per_step * (opts.n_iter - step_in_call)))
+        last = step_in_call == opts.n_iter
+        if hooks.on_eval is not None and opts.eval_every and iteration % opts.eval_every == 0:
+            if hooks.on_eval(state):
+                reason = "early-stop"
             model.train()
-        if opts.save_every and iteration % opts.save_every == 0 and step_in_call < opts.n_iter:
-            on_save(state)
+        if reason == "done" and hooks.should_stop():
+            reason = "interrupted"
+        if reason != "done":
+            break
+        if opts.save_every and iteration % opts.save_every == 0 and not last:
+            hooks.on_save(state)
             last_end = time.perf_counter()  # saving time is not the next step's time
     model.eval()
-    on_save(state)
-    return state
+    hooks.on_save(state)
+    return state, reason
 
 
 def _clip(params: list[nn.Parameter], max_norm: float) -> float:
@@ -137,7 +165,3 @@ def _clip(params: list[nn.Parameter], max_norm: float) -> float:
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
 
-
-def format_hms(seconds: float) -> str:
-    seconds = max(0, int(math.floor(seconds)))
-    return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
