@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("chat", "chat with a model using its chat template"),
     "export": ("export", "convert adapters between GGUF LoRA, PEFT and checkpoints"),
     "merge": ("merge", "merge adapters into a base model (GGUF or HF folder)"),
+    "convert": ("convert", "convert a Hugging Face model folder to GGUF (llama.cpp, Ollama)"),
     "inspect": ("inspect", "describe a model, adapter or checkpoint file"),
     "eval": ("evaluate", "loss and perplexity of a model (+adapters) on a text or dataset"),
 }

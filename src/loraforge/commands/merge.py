@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tensor type of the merged model (default: same as the base)")
     parser.add_argument("--to", choices=("gguf", "hf"), default=None,
                         help="output format (default: gguf for a .gguf name, else hf)")
+    from loraforge.commands.convert import add_ollama_arguments
+
+    add_ollama_arguments(parser)
 
 
 def output_format(out: str, to: str | None) -> str:
@@ -53,8 +56,15 @@ def run(args: argparse.Namespace) -> int:
         from loraforge.atomic import check_writable
 
         check_writable(args.out)
-        if os.path.isdir(base):
-            raise file_error(base, "GGUF output needs a GGUF base; merge an HF base with --to hf")
+        if os.path.isdir(base):  # an HF base: converted to GGUF with the adapters merged, streamed
+            from loraforge.commands.convert import convert_folder
+
+            if args.outtype == "same":
+                raise LoraforgeError("--outtype same: an HF base has no GGUF types; choose f32, f16, bf16 or q8_0")
+            summary = convert_folder(base, args.out, args.outtype, specs, args)
+            print(f"wrote {args.out} (GGUF {summary['arch']} from an HF base, {summary['tensors']} tensors, "
+                  f"{summary['changed']} changed by {len(specs)} adapter(s), {args.outtype})")
+            return 0
     cfg, _ = base_config(base)
     adapters = load_adapters(specs, cfg)
     labels = [f"{os.path.basename(p.rstrip('/'))} x{s:g}" for p, s in specs]
