@@ -21,52 +21,14 @@ import pytest
 import torch
 
 from conftest import make_tiny_hf_model
+from convert_models import cycle_tokens, llama_logits, tokens_for, train_on_cycle
 from loraforge.formats.convert import convert_hf_to_gguf
 
 pytestmark = pytest.mark.llamacpp
 llama_cpp = pytest.importorskip("llama_cpp")
 pytest.importorskip("transformers")
 
-GGML_TYPE_F32 = 0
 N_POS = 256
-
-
-def llama_logits(path: str, tokens: list[int]) -> np.ndarray:
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=N_POS, n_batch=N_POS, n_ubatch=N_POS, logits_all=True,
-                          type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, n_threads=2, flash_attn=False, verbose=False)
-    llm.eval(tokens)
-    out = np.array(llm.scores[: len(tokens)], dtype=np.float32)
-    llm.close()
-    return out
-
-
-def tokens_for(vocab: int, n: int = N_POS, seed: int = 0) -> list[int]:
-    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def cycle_tokens(vocab: int, n: int, start: int = 0) -> list[int]:
-    """A fixed random cycle through the vocabulary: token t is followed by NEXT[t]."""
-    order = torch.randperm(vocab, generator=torch.Generator().manual_seed(7)).tolist()
-    nxt = {a: b for a, b in zip(order, order[1:] + order[:1])}
-    out = [order[start % vocab]]
-    while len(out) < n:
-        out.append(nxt[out[-1]])
-    return out
-
-
-def train_on_cycle(model, steps: int = 25) -> None:
-    """A few Adam steps on `cycle_tokens`, so the model's next-token choices have clear margins (a random
-    model's logits are near-uniform and their top-1 flips under any rounding, q8_0 in transformers too)."""
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    vocab = model.config.vocab_size
-    batch = torch.tensor([cycle_tokens(vocab, 64, start=s) for s in range(0, vocab, vocab // 8)][:8])
-    model.train()
-    for _ in range(steps):
-        loss = model(batch, labels=batch).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
 
 
 # (arch, config overrides)

@@ -64,7 +64,7 @@ def convert_folder(base: str, out: str, outtype: str, specs: list[tuple[str, flo
     from loraforge.formats.hf import read_config
 
     cfg = read_config(base)
-    modelfile = _plan_modelfile(args, base, out)
+    modelfile = plan_modelfile(args, base, out)
     adapters = load_adapters(specs, cfg)
     labels = [f"{os.path.basename(p.rstrip('/'))} x{s:g}" for p, s in specs]
     summary = convert_hf_to_gguf(base, out, outtype, adapters=adapters, labels=labels, tokenizer_pre=tokenizer_pre)
@@ -73,7 +73,7 @@ def convert_folder(base: str, out: str, outtype: str, specs: list[tuple[str, flo
     return summary
 
 
-def _plan_modelfile(args: argparse.Namespace, base: str, out: str):
+def plan_modelfile(args: argparse.Namespace, base: str, out: str):
     """Check the Ollama options before the slow work; return the function that writes the Modelfile."""
     if not getattr(args, "ollama", False):
         if getattr(args, "ollama_template", None) or getattr(args, "modelfile", None):

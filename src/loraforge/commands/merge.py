@@ -59,19 +59,25 @@ def run(args: argparse.Namespace) -> int:
         if os.path.isdir(base):  # an HF base: converted to GGUF with the adapters merged, streamed
             from loraforge.commands.convert import convert_folder
 
-            if args.outtype == "same":
-                raise LoraforgeError("--outtype same: an HF base has no GGUF types; choose f32, f16, bf16 or q8_0")
-            summary = convert_folder(base, args.out, args.outtype, specs, args)
+            from loraforge.formats.convert import native_outtype
+
+            outtype = native_outtype(base) if args.outtype == "same" else args.outtype
+            summary = convert_folder(base, args.out, outtype, specs, args)
             print(f"wrote {args.out} (GGUF {summary['arch']} from an HF base, {summary['tensors']} tensors, "
-                  f"{summary['changed']} changed by {len(specs)} adapter(s), {args.outtype})")
+                  f"{summary['changed']} changed by {len(specs)} adapter(s), {outtype})")
             return 0
     cfg, _ = base_config(base)
     adapters = load_adapters(specs, cfg)
     labels = [f"{os.path.basename(p.rstrip('/'))} x{s:g}" for p, s in specs]
     if fmt == "gguf":
+        from loraforge.commands.convert import plan_modelfile
+
+        write_modelfile = plan_modelfile(args, base, args.out)
         summary = merge_to_gguf(base, adapters, args.out, args.outtype, labels=labels)
         print(f"wrote {args.out} (GGUF, {summary['tensors']} tensors, {summary['changed']} changed by "
               f"{len(adapters)} adapter(s), {args.outtype})")
+        if write_modelfile is not None:
+            write_modelfile()
     else:
         summary = merge_to_hf(base, adapters, args.out, args.outtype)
         print(f"wrote {args.out} (HF folder, {summary['changed']} tensors changed by {len(adapters)} "

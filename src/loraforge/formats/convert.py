@@ -132,6 +132,12 @@ def index_safetensors(folder: str) -> dict[str, SourceTensor]:
     return out
 
 
+def native_outtype(folder: str) -> str:
+    """The output type matching the folder's own float type ("f32", "f16" or "bf16"), from its embedding."""
+    src = index_safetensors(folder).get("model.embed_tokens.weight")
+    return {"F16": "f16", "BF16": "bf16"}.get(src.dtype if src else "", "f32")
+
+
 # -- the plan ---------------------------------------------------------------------------------------
 
 @dataclass
