@@ -117,7 +117,7 @@ def _mistral(eos: str, close: str, reply_space: str, system_at: str) -> _Family:
                 "{{- if eq .Role \"user\" }}[INST] {{ if and $.System " + where + " }}{{ $.System }}\n\n{{ end }}"
                 + ("{{ $first = false }}" if system_at == "first" else "")
                 + "{{ .Content }}" + go_literal(close)
-                + "{{- else if eq .Role \"assistant\" }}" + go_literal(reply_space) + "{{ .Content }}"
+                + "{{ else if eq .Role \"assistant\" }}" + go_literal(reply_space) + "{{ .Content }}"
                 + go_literal(eos) + "{{ end }}{{ end }}")
     return _Family(f"mistral({system_at}, {close!r})", template, render, ["[INST]", "[/INST]", eos])
 
@@ -169,7 +169,7 @@ def _exchange_family(name: str, first_head: Callable[[str], str], head_go_first:
     template = ("{{- $first := true }}{{- range .Messages }}{{- if eq .Role \"user\" }}{{ if $first }}"
                 + head_go_first + "{{ $first = false }}{{ else }}" + go_literal(later_head) + "{{ end }}"
                 + go_literal(turn[0]) + "{{ .Content }}" + go_literal(turn[1])
-                + "{{- else if eq .Role \"assistant\" }}{{ .Content }}" + go_literal(reply_tail) + "{{ end }}{{ end }}")
+                + "{{ else if eq .Role \"assistant\" }}{{ .Content }}" + go_literal(reply_tail) + "{{ end }}{{ end }}")
     return _Family(name, template, render, stops)
 
 
@@ -217,7 +217,7 @@ def _file_family(tpl: Any, eos: str) -> _Family:
         elif fname == "system":
             go.append("{{ $.System }}")
     template = ("{{- range .Messages }}{{- if eq .Role \"user\" }}" + "".join(go)
-                + "{{- else if eq .Role \"assistant\" }}{{ .Content }}" + go_literal(tpl.response_part + eos)
+                + "{{ else if eq .Role \"assistant\" }}{{ .Content }}" + go_literal(tpl.response_part + eos)
                 + "{{ end }}{{ end }}")
     first_line = next((ln.strip() for ln in tpl.prompt_part.splitlines() if ln.strip().startswith("#")), None)
     stops = [eos] + ([first_line] if first_line else [])
