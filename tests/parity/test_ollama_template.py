@@ -277,7 +277,7 @@ def test_unknown_template_is_a_clear_error(tmp_path):
         translate_chat_template(near_chatml, None, "<|im_end|>", False)
 
 
-def test_convert_with_ollama_writes_both(tmp_path, go_render):
+def test_convert_with_ollama_writes_both(tmp_path, go_render, capsys):
     """`loraforge convert --ollama`: the GGUF and a Modelfile FROM it, template from the folder's chat template."""
     folder = tmp_path / "model"
     make_tiny_hf_model(folder, "llama")
@@ -289,6 +289,14 @@ def test_convert_with_ollama_writes_both(tmp_path, go_render):
     template, stops, _ = modelfile_template(out.parent / "Modelfile")
     assert (out.parent / "Modelfile").read_text().startswith("FROM ./tiny.gguf\n")
     assert go_render(template, CONVERSATIONS[:1])[0].startswith("<|im_start|>system\nYou are a terse assistant.")
+    # inspect reports both files
+    capsys.readouterr()
+    assert main(["inspect", str(out.parent / "Modelfile")]) == 0
+    text = capsys.readouterr().out
+    assert "ollama-modelfile" in text and "./tiny.gguf" in text and "'<|im_end|>'" in text and "missing" not in text
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "gguf-model" in text and "gpt2 (pre gpt-2)" in text and "architecture" in text
     # a folder whose template is unknown: refused before anything is written
     (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
     other = tmp_path / "other.gguf"

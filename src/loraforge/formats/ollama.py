@@ -370,3 +370,83 @@ def modelfile_for_model(gguf_path: str, tokenizer_source: str, template_spec: st
         return path
 
     return write
+
+
+# -- reading a Modelfile back (for `inspect`) ----------------------------------------------------------
+
+def is_modelfile(path: str) -> bool:
+    """A text file whose first instruction is FROM (Ollama's Modelfile), not a GGUF."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    if head.startswith(b"GGUF"):
+        return False
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")), "")
+    return first.upper().startswith("FROM ")
+
+
+def describe_modelfile(path: str) -> dict[str, Any]:
+    """FROM / ADAPTER (and whether those files exist), TEMPLATE, stops and SYSTEM of a Modelfile."""
+    text = open(path, encoding="utf-8").read()
+    info: dict[str, Any] = {"path": path, "kind": "ollama-modelfile", "from": None, "adapters": [], "stops": [],
+                            "template": None, "system": None, "parameters": {}}
+    folder = os.path.dirname(os.path.abspath(path))
+    rest = text
+    while rest.strip():
+        rest = rest.lstrip()
+        line, _, after = rest.partition("\n")
+        if line.startswith("#"):
+            rest = after
+            continue
+        name, _, value = line.partition(" ")
+        value = value.strip()
+        if value.startswith('"""'):
+            body, sep, after = rest.split('"""', 1)[1].partition('"""')
+            value = body
+            after = after.partition("\n")[2]
+        elif value.startswith('"') and value.endswith('"') and len(value) > 1:
+            value = value[1:-1]
+        rest = after
+        key = name.upper()
+        if key == "FROM":
+            info["from"] = value
+        elif key == "ADAPTER":
+            info["adapters"].append(value)
+        elif key == "TEMPLATE":
+            info["template"] = value
+        elif key == "SYSTEM":
+            info["system"] = value
+        elif key == "PARAMETER":
+            pname, _, pvalue = value.partition(" ")
+            pvalue = pvalue.strip().strip('"')
+            if pname == "stop":
+                info["stops"].append(pvalue)
+            else:
+                info["parameters"][pname] = pvalue
+    missing = [p for p in [info["from"], *info["adapters"]] if p and (p.startswith(("./", "../", "/")) or
+               p.endswith(".gguf")) and not os.path.exists(os.path.join(folder, p))]
+    info["missing_files"] = missing
+    return info
+
+
+def format_modelfile_info(info: dict[str, Any]) -> str:
+    rows = [("path", info["path"]), ("kind", info["kind"]), ("from", str(info["from"]))]
+    rows += [("adapter", a) for a in info["adapters"]]
+    rows.append(("stop tokens", ", ".join(repr(s) for s in info["stops"]) or "none"))
+    rows += [(f"parameter {k}", v) for k, v in info["parameters"].items()]
+    if info["system"]:
+        rows.append(("system", info["system"]))
+    if info["missing_files"]:
+        rows.append(("missing", ", ".join(info["missing_files"]) + " (not found next to the Modelfile)"))
+    width = max(len(label) for label, _ in rows)
+    lines = [f"{label:<{width}}  {value}" for label, value in rows]
+    template = (info["template"] or "").splitlines()
+    lines.append(f"{'template':<{width}}  {len(template)} lines:" if template else f"{'template':<{width}}  none")
+    lines += [f"{'':<{width}}  | {line}" for line in template[:12]]
+    return "\n".join(lines)
