@@ -131,3 +131,28 @@ def test_streamed_convert_peak_memory(tmp_path, capsys):
               f"({base_kib / 1024:.0f} MiB before converting, +{grown / 2**20:.0f} MiB while converting)")
     assert (tmp_path / "big.gguf").stat().st_size > size // 2 - (1 << 20)
     assert grown < size / 4
+
+
+def test_export_to_ollama_from_hf_base(tmp_path, capsys):
+    """--to ollama with an HF base: the base converted to GGUF, the adapter as GGUF LoRA, a Modelfile
+    FROM the base with the ADAPTER line; without --base-gguf a one-line error before any work."""
+    peft = pytest.importorskip("peft")
+    folder = tmp_path / "base"
+    model = make_tiny_hf_model(folder, "mistral")
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<s>", "eos_token": "</s>", "add_bos_token": False,
+        "chat_template": "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+                         "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+                         "{% endif %}"}), encoding="utf-8")
+    peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"])).save_pretrained(
+        tmp_path / "peft")
+    out = tmp_path / "ollama" / "adapter.gguf"
+    out.parent.mkdir()
+    args = ["export", "--in", str(tmp_path / "peft"), "--to", "ollama", "-m", str(folder), "--out", str(out)]
+    rc, err = run_cli(args, capsys)
+    assert rc == 2 and "--base-gguf" in err and not out.exists()
+    assert main(args + ["--base-gguf", str(out.parent / "base.gguf"), "--system", "Be brief."]) == 0
+    text = (out.parent / "Modelfile").read_text(encoding="utf-8")
+    assert text.startswith("FROM ./base.gguf\nADAPTER ./adapter.gguf\nTEMPLATE \"\"\"")
+    assert 'PARAMETER stop "<|im_end|>"' in text and 'SYSTEM """Be brief."""' in text
+    assert (out.parent / "base.gguf").is_file() and out.is_file()
