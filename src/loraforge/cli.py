@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("evaluate", "loss and perplexity of a model (+adapters) on a text or dataset"),
     "export": ("export", "convert adapters between GGUF LoRA, PEFT and checkpoints"),
     "merge": ("merge", "merge adapters into a base model (GGUF or HF folder)"),
+    "convert": ("convert", "convert a Hugging Face model folder to GGUF (llama.cpp, Ollama)"),
     "inspect": ("inspect", "describe a model, adapter or checkpoint file"),
     "plot": ("plot", "plot training and eval loss of one or more runs as a PNG"),
 }

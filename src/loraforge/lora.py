@@ -329,7 +329,7 @@ def to_adapter(model: nn.Module, cfg: LoraConfig, name: str = "default", metadat
         if a != cfg.alpha:
             alpha_pattern[module] = a
     return Adapter(tensors=tensors, alpha=cfg.alpha, use_rslora=cfg.use_rslora,
-                   alpha_pattern=alpha_pattern, metadata=dict(metadata or {}))
+                   alpha_pattern=alpha_pattern, metadata={"lora_dropout": cfg.dropout, **(metadata or {})})
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

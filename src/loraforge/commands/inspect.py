@@ -43,6 +43,10 @@ def describe(path: str) -> dict[str, Any]:
         if os.path.isfile(os.path.join(path, "adapter_config.json")):
             return describe_peft_folder(path)
         return describe_hf_folder(path)
+    from loraforge.formats.ollama import describe_modelfile, is_modelfile
+
+    if is_modelfile(path):
+        return describe_modelfile(path)
     return describe_gguf(path)
 
 
@@ -106,6 +110,8 @@ def _gguf_model(reader, meta: dict[str, Any], path: str) -> dict[str, Any]:
         "tokenizer": _gguf_tokenizer(meta),
         "chat_template": meta.get("tokenizer.chat_template"),
     }
+    if meta.get("loraforge.merged_adapters"):
+        out["merged_adapters"] = json.loads(meta["loraforge.merged_adapters"])
     if unsupported:
         out["unsupported_tensor_types"] = unsupported
     return out
@@ -355,6 +361,10 @@ def _special_text(s: dict[str, Any] | None) -> str:
 
 def format_text(info: dict[str, Any]) -> str:
     """Aligned `label  value` lines for a terminal."""
+    if info["kind"] == "ollama-modelfile":
+        from loraforge.formats.ollama import format_modelfile_info
+
+        return format_modelfile_info(info)
     rows: list[tuple[str, str]] = [("path", info["path"]), ("kind", info["kind"]), ("format", info["format"]),
                                    ("file size", _human_bytes(info["file_size"]))]
     if info.get("architecture"):
@@ -379,6 +389,8 @@ def format_text(info: dict[str, Any]) -> str:
         rows.append(("parameters", _human_count(info["parameters"])))
         if info.get("file_type"):
             rows.append(("file type", str(info["file_type"])))
+        for merged in info.get("merged_adapters") or []:
+            rows.append(("merged adapter", f"{merged['adapter']} (scale {merged['scale']:g})"))
     if "tensor_types" in info:
         types = ", ".join(f"{k} {v}" for k, v in info["tensor_types"].items())
         rows.append(("tensors", f"{info['tensor_count']}: {types}"))

@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tensor type of the merged model (default: same as the base)")
     parser.add_argument("--to", choices=("gguf", "hf"), default=None,
                         help="output format (default: gguf for a .gguf name, else hf)")
+    from loraforge.commands.convert import add_ollama_arguments
+
+    add_ollama_arguments(parser)
 
 
 def output_format(out: str, to: str | None) -> str:
@@ -53,15 +56,28 @@ def run(args: argparse.Namespace) -> int:
         from loraforge.atomic import check_writable
 
         check_writable(args.out)
-        if os.path.isdir(base):
-            raise file_error(base, "GGUF output needs a GGUF base; merge an HF base with --to hf")
+        if os.path.isdir(base):  # an HF base: converted to GGUF with the adapters merged, streamed
+            from loraforge.commands.convert import convert_folder
+
+            from loraforge.formats.convert import native_outtype
+
+            outtype = native_outtype(base) if args.outtype == "same" else args.outtype
+            summary = convert_folder(base, args.out, outtype, specs, args)
+            print(f"wrote {args.out} (GGUF {summary['arch']} from an HF base, {summary['tensors']} tensors, "
+                  f"{summary['changed']} changed by {len(specs)} adapter(s), {outtype})")
+            return 0
     cfg, _ = base_config(base)
     adapters = load_adapters(specs, cfg)
     labels = [f"{os.path.basename(p.rstrip('/'))} x{s:g}" for p, s in specs]
     if fmt == "gguf":
+        from loraforge.commands.convert import plan_modelfile
+
+        write_modelfile = plan_modelfile(args, base, args.out)
         summary = merge_to_gguf(base, adapters, args.out, args.outtype, labels=labels)
         print(f"wrote {args.out} (GGUF, {summary['tensors']} tensors, {summary['changed']} changed by "
               f"{len(adapters)} adapter(s), {args.outtype})")
+        if write_modelfile is not None:
+            write_modelfile()
     else:
         summary = merge_to_hf(base, adapters, args.out, args.outtype)
         print(f"wrote {args.out} (HF folder, {summary['changed']} tensors changed by {len(adapters)} "

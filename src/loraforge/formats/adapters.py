@@ -144,7 +144,9 @@ def load_adapter(path: str | os.PathLike, cfg: ModelConfig) -> Adapter:
         raise file_error(path, "is a training checkpoint, but this install cannot read checkpoints") from None
     adapter = read_checkpoint_adapter(path)
     arch = adapter.metadata.get("arch")
-    if arch and arch != cfg.arch:
+    from loraforge.formats.gguf_arch import same_arch
+
+    if arch and not same_arch(arch, cfg.arch):
         raise file_error(path, f"checkpoint is for architecture {arch!r}, the base model is {cfg.arch!r}")
     check_adapter(adapter, cfg, path)
     return adapter

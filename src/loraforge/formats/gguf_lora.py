@@ -85,7 +85,10 @@ def write_gguf_adapter(path: str | os.PathLike, adapter: Adapter, cfg: ModelConf
 
     from loraforge.formats.adapters import check_adapter
 
+    from loraforge.formats.gguf_arch import llama_cpp_arch
+
     path = os.fspath(path)
+    gguf_arch = llama_cpp_arch(gguf_arch)  # llama.cpp loads Mistral as "llama" and refuses any other name
     if outtype not in ADAPTER_OUTTYPES:
         raise LoraforgeError(f"--outtype {outtype!r} is not available for GGUF adapters "
                              f"(choose {', '.join(ADAPTER_OUTTYPES)})")
@@ -167,7 +170,9 @@ def read_gguf_adapter(path: str | os.PathLike, cfg: ModelConfig | None = None) -
     if _scalar(reader, "adapter.type", "") != "lora":
         raise file_error(path, f"adapter.type is {_scalar(reader, 'adapter.type')!r}, not 'lora'")
     arch = _scalar(reader, "general.architecture", "")
-    if cfg is not None and arch != cfg.arch:
+    from loraforge.formats.gguf_arch import same_arch
+
+    if cfg is not None and not same_arch(arch, cfg.arch):
         raise file_error(path, f"adapter is for architecture {arch!r}, the base model is {cfg.arch!r}")
     permute = needs_qk_permutation(arch)
     pairs: dict[str, dict[str, np.ndarray]] = {}

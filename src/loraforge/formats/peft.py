@@ -44,10 +44,61 @@ def _pattern_lookup(pattern: dict[str, Any], module: str) -> Any | None:
     return None
 
 
+GGUF_BASE_KEY = "loraforge_base_gguf"  # our own adapter_config.json field: the GGUF file trained on
+
+
+def _hub_id(value: Any) -> str | None:
+    """'org/name' from a model id or a huggingface.co URL, else None."""
+    if not isinstance(value, str) or not value.strip():
+        return None
+    value = value.strip().rstrip("/")
+    for prefix in ("https://huggingface.co/", "http://huggingface.co/", "hf://"):
+        if value.startswith(prefix):
+            value = value[len(prefix):]
+    return value if re.fullmatch(r"[\w.\-]+/[\w.\-]+", value) and not os.path.exists(value) else None
+
+
+def peft_base_reference(base: str, cfg: ModelConfig | None = None) -> tuple[str | None, str | None]:
+    """(base_model_name_or_path a PEFT user can resolve, GGUF file name or None) for a base given as
+    an HF folder, a GGUF file or a model id.
+
+    HF folder: its config's hub id (`_name_or_path`) when it names one, else the folder's absolute
+    path (what peft itself records). GGUF file: the hub id in its metadata (`general.base_model.0.repo_url`,
+    `general.source.repo_url`, ...) or None; the file name is returned separately.
+    """
+    if not base:
+        return (_hub_id(cfg.name) if cfg else None), None
+    if os.path.isdir(base):
+        config_path = os.path.join(base, "config.json")
+        hub = None
+        if os.path.isfile(config_path):
+            try:
+                with open(config_path, encoding="utf-8") as f:
+                    hub = _hub_id(json.load(f).get("_name_or_path"))
+            except (OSError, ValueError):
+                hub = None
+        return hub or os.path.abspath(base), None
+    if os.path.isfile(base):
+        from loraforge.formats.gguf_file import read_gguf
+
+        try:
+            meta = read_gguf(base).metadata
+        except LoraforgeError:
+            meta = {}
+        hub = None
+        for key in ("general.base_model.0.repo_url", "general.source.repo_url", "general.source.huggingface.repository",
+                    "general.base_model.0.name"):
+            hub = hub or _hub_id(meta.get(key))
+        return hub, os.path.basename(base)
+    return base, None
+
+
 def write_peft(folder: str | os.PathLike, adapter: Adapter, cfg: ModelConfig, base_name: str = "",
-               dtype: str = "f32") -> None:
+               dtype: str = "f32", *, lora_dropout: float | None = None) -> None:
     """Write `adapter` as a PEFT folder for a base with config `cfg` (created if missing).
 
+    base_name: the base model (HF folder, GGUF file or model id), see `peft_base_reference`.
+    lora_dropout: recorded in the config (default: the adapter's own, from training, else 0).
     Both files are written atomically; on failure a folder this call created is removed again.
     """
     from safetensors.torch import save_file
@@ -68,13 +119,15 @@ def write_peft(folder: str | os.PathLike, adapter: Adapter, cfg: ModelConfig, ba
     alphas = {m: adapter.alpha_of(m) for m in modules}
     alpha_pattern = {m: a for m, a in alphas.items() if a != adapter.alpha}
     targets = sorted({m.rsplit(".", 1)[-1] for m in modules})
+    base_ref, base_gguf = peft_base_reference(base_name, cfg)
+    dropout = lora_dropout if lora_dropout is not None else adapter.metadata.get("lora_dropout", 0.0)
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_name or cfg.name or None,
+        "base_model_name_or_path": base_ref,
         "r": int(r),
         "lora_alpha": float(adapter.alpha),
-        "lora_dropout": 0.0,
+        "lora_dropout": float(dropout),
         "target_modules": targets,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
@@ -89,6 +142,8 @@ def write_peft(folder: str | os.PathLike, adapter: Adapter, cfg: ModelConfig, ba
         "use_dora": False,
         "revision": None,
     }
+    if base_gguf:
+        config[GGUF_BASE_KEY] = base_gguf
     torch_dtype = PEFT_DTYPES[dtype]
     state: dict[str, torch.Tensor] = {}
     for m in modules:
@@ -197,6 +252,8 @@ def read_peft(folder: str | os.PathLike, cfg: ModelConfig | None = None) -> Adap
                                      f"says {want_rank} (r / rank_pattern)")
     adapter = Adapter(tensors=tensors, alpha=alpha, use_rslora=bool(config.get("use_rslora", False)),
                       alpha_pattern=alpha_pattern,
-                      metadata={"source": "peft", "base_model": config.get("base_model_name_or_path") or ""})
+                      metadata={"source": "peft", "base_model": config.get("base_model_name_or_path") or "",
+                                "base_gguf": config.get(GGUF_BASE_KEY) or "",
+                                "lora_dropout": float(config.get("lora_dropout") or 0.0)})
     check_adapter(adapter, cfg, folder)
     return adapter
