@@ -57,59 +57,112 @@ def _signed_absmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 # ---------------------------------------------------------------------------------------
 # the searches
+#
+# Written with preallocated buffers and in-place ops: each step touches a few (n, G) arrays
+# that stay in the caches, and no step allocates (allocation and page faults cost more than
+# the arithmetic at these sizes).
+
+_NEAREST_INT_LIMIT = 4.0e6  # nearest_int's domain is |v| <= 4194303 (the reference asserts it)
+
+
+def _round_levels(v: torch.Tensor, lo: int, hi: int, exact: bool) -> torch.Tensor:
+    """In place: v <- clamp(nearest_int(v), lo, hi) as float32.
+
+    Where every |v| is inside nearest_int's domain, nearest_int is rounding half to even
+    (torch.round); `exact` (some |v| may be outside) takes the reference's bit trick instead.
+    """
+    if exact:
+        return v.copy_(nearest_int(v).clamp_(lo, hi))
+    return v.round_().clamp_(lo, hi)
+
+
+def _needs_exact(iscale: torch.Tensor, reach: torch.Tensor) -> bool:
+    """True when iscale * (x - offset) may leave nearest_int's domain for some (non-degenerate) column.
+
+    reach: (G,) bound of |x - offset| per column (0 for columns whose result is discarded).
+    """
+    bound = iscale.abs() * reach
+    return bool((~(bound < _NEAREST_INT_LIMIT)).any())
+
+
+def _seq_sum_into(out: torch.Tensor, t: torch.Tensor, dim: int) -> torch.Tensor:
+    """out <- left-to-right float32 sum of t along dim (see quantize.seq_sum), in place."""
+    parts = t.unbind(dim)
+    torch.add(parts[0], 0.0, out=out)
+    for part in parts[1:]:
+        out.add_(part)
+    return out
 
 
 def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int,
                      use_mad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Scale and min of asymmetric sub-blocks: x = scale * L - the_min with L in 0..nmax.
+    """Scale and min of asymmetric sub-blocks: x ~ scale * L - the_min with L in 0..nmax.
 
-    x, w: (n, G) values and weights. Returns scale (G,), the_min (G,), L (n, G) int32. Tries the
-    plain min/max fit, then the least-squares fits for iscale = (rmin + rdelta*is + nmax) / range,
-    is = 0..nstep, keeping the first that lowers the weighted error (squared, or absolute with use_mad).
+    x, w: (n, G) values and weights. Returns scale (G,), the_min (G,), L (n, G) int32. Starts from
+    the min/max fit, then for is = 0..nstep quantizes with iscale = (rmin + rdelta*is + nmax) /
+    (max - min), fits scale and min by weighted least squares and takes the fit when its weighted
+    error (squared, or absolute with use_mad) is below the best so far. A taken fit moves `min`,
+    which the later steps use, so the steps run one after another (each over all G columns).
     """
     n, G = x.shape
     lo = x.amin(dim=0)
     hi = x.amax(dim=0)
-    sum_w = w[0]
+    sum_w = w[0].clone()
     sum_x = sum_w * x[0]
     for i in range(1, n):
-        sum_w = sum_w + w[i]
-        sum_x = sum_x + w[i] * x[i]
-    lo = torch.clamp(lo, max=0.0)
+        sum_w.add_(w[i])
+        sum_x.add_(w[i] * x[i])
+    lo = torch.where(lo > 0, torch.zeros_like(lo), lo)
     flat = hi == lo
-    span = hi - lo
+    live = ~flat
 
-    def error(scale: torch.Tensor, offset: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-        diff = scale * levels + offset - x
-        diff = diff.abs() if use_mad else diff * diff
-        return seq_sum(w * diff, dim=-2)
+    shifted = torch.empty_like(x)
+    cand = torch.empty_like(x)
+    diff = torch.empty_like(x)
+    prods = torch.empty((3, n, G), dtype=x.dtype, device=x.device)
+    sums = torch.empty((3, G), dtype=x.dtype, device=x.device)
+    cur = torch.empty((G,), dtype=x.dtype, device=x.device)
 
-    iscale = rdiv(float(nmax), span)
+    def quantize_levels(iscale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        torch.sub(x, offset, out=shifted)
+        reach = torch.where(live, torch.maximum(hi - offset, offset - lo), torch.zeros_like(lo))
+        torch.mul(shifted, torch.where(live, iscale, torch.zeros_like(iscale)), out=cand)
+        return _round_levels(cand, 0, nmax, _needs_exact(iscale, reach))
+
+    def error(scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        torch.mul(cand, scale, out=diff)  # C: scale * L + min - x, then squared or absolute, times w
+        diff.add_(offset).sub_(x)
+        diff.abs_() if use_mad else diff.mul_(diff)
+        diff.mul_(w)
+        return _seq_sum_into(cur, diff, 0)
+
+    iscale = rdiv(float(nmax), hi - lo)
     scale = rdiv(1.0, iscale)
-    levels = nearest_int(iscale * (x - lo)).clamp(0, nmax).float()
-    best = error(scale, lo, levels)
+    quantize_levels(iscale, lo)
+    best = error(scale, lo).clone()
     offset = lo
-    # The steps depend on each other: an accepted fit moves `offset` (the reference's `min`),
-    # and later steps quantize x - offset over hi - offset. So they run one after another.
+    taken_iscale, taken_offset = iscale, lo  # the levels are recomputed from these at the end
     for numerator in _step_constants(rmin, rdelta, nmax, nstep):
         iscale = torch.div(torch.tensor(numerator, dtype=x.dtype, device=x.device), hi - offset)
-        cand = nearest_int(iscale * (x - offset)).clamp(0, nmax).float()
-        wl = w * cand
-        sum_l, sum_l2, sum_xl = seq_sum(torch.stack([wl, wl * cand, wl * x]), dim=1).unbind(0)
+        quantize_levels(iscale, offset)
+        torch.mul(w, cand, out=prods[0])
+        torch.mul(prods[0], cand, out=prods[1])
+        torch.mul(prods[0], x, out=prods[2])
+        sum_l, sum_l2, sum_xl = _seq_sum_into(sums, prods, 1)
         D = sum_w * sum_l2 - sum_l * sum_l
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
         clipped = this_min > 0
         this_min = torch.where(clipped, torch.zeros_like(this_min), this_min)
         this_scale = torch.where(clipped, sum_xl / sum_l2, this_scale)
-        cur = error(this_scale, this_min, cand)
-        better = (D > 0) & (cur < best)
-        best = torch.where(better, cur, best)
+        err = error(this_scale, this_min)
+        better = (D > 0) & (err < best)
+        best = torch.where(better, err, best)
         scale = torch.where(better, this_scale, scale)
+        taken_iscale = torch.where(better, iscale, taken_iscale)
+        taken_offset = torch.where(better, offset, taken_offset)
         offset = torch.where(better, this_min, offset)
-        levels = torch.where(better, cand, levels)
-    levels = levels.to(torch.int32)
-
+    levels = quantize_levels(taken_iscale, taken_offset).to(torch.int32)
     levels = torch.where(flat, torch.zeros_like(levels), levels)
     scale = torch.where(flat, torch.zeros_like(scale), scale)
     return scale, -offset, levels
@@ -119,36 +172,44 @@ def make_qx_quants_rmse1(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torc
     """Symmetric sub-blocks with x**2 weights (make_qx_quants, rmse_type 1, no importance).
 
     x: (n, G). Returns scale (G,) and L (n, G) int32 in 0..2*nmax-1 (value + nmax), all 0 for a zero
-    sub-block. Tries iscale = -(nmax + 0.1*is) / max for is = -9..9 and keeps the best fit.
+    sub-block. Fits iscale = -nmax / max, then tries iscale = -(nmax + 0.1*is) / max for
+    is = -9..9 and takes a fit whose sumlx**2 / suml2 beats the best so far. Every |iscale * x|
+    is below nmax + 1, inside nearest_int's domain.
     """
+    n, G = x.shape
     amax, vmax = _signed_absmax(x)
     zero = amax < GROUP_MAX_EPS
+    vmax = torch.where(zero, torch.ones_like(vmax), vmax)  # discarded below; avoids inf * 0
     w = x * x
     wx = w * x
+    cand = torch.empty_like(x)
+    prods = torch.empty((2, n, G), dtype=x.dtype, device=x.device)
+    sums = torch.empty((2, G), dtype=x.dtype, device=x.device)
 
-    def fit(iscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        lv = nearest_int(iscale * x).clamp(-nmax, nmax - 1)
-        lf = lv.float()
-        return lv, seq_sum(wx * lf, dim=-2), seq_sum(w * lf * lf, dim=-2)
+    def fit(iscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.mul(x, iscale, out=cand)
+        _round_levels(cand, -nmax, nmax - 1, False)
+        torch.mul(wx, cand, out=prods[0])
+        torch.mul(w, cand, out=prods[1]).mul_(cand)
+        sumlx, suml2 = _seq_sum_into(sums, prods, 1)
+        return sumlx, suml2
 
-    levels, sumlx, suml2 = fit(rdiv(float(-nmax), vmax))
+    iscale = rdiv(float(-nmax), vmax)
+    sumlx, suml2 = fit(iscale)
     scale = torch.where(suml2 != 0, sumlx / suml2, torch.zeros_like(sumlx))
     best = scale * sumlx
-
-    steps = [s for s in range(-9, 10) if s != 0]
-    nums = [-_f32(np.float32(nmax) + np.float32(0.1) * np.float32(s)) for s in steps]
-    iscales = torch.tensor(nums, dtype=x.dtype, device=x.device)[:, None] / vmax  # (S, G)
-    cand, c_sumlx, c_suml2 = fit(iscales[:, None, :])
-    choice = torch.full(scale.shape, -1, dtype=torch.long, device=x.device)
-    for s in range(len(steps)):
-        better = (c_suml2[s] > 0) & (c_sumlx[s] * c_sumlx[s] > best * c_suml2[s])
-        new_scale = c_sumlx[s] / c_suml2[s]
+    taken = iscale
+    for step in (s for s in range(-9, 10) if s != 0):
+        numerator = -_f32(np.float32(nmax) + np.float32(0.1) * np.float32(step))
+        iscale = torch.div(torch.tensor(numerator, dtype=x.dtype, device=x.device), vmax)
+        sumlx, suml2 = fit(iscale)
+        better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        new_scale = sumlx / suml2
         scale = torch.where(better, new_scale, scale)
-        best = torch.where(better, new_scale * c_sumlx[s], best)
-        choice = torch.where(better, torch.full_like(choice, s), choice)
-    G = x.shape[1]
-    picked = cand.gather(0, choice.clamp(min=0)[None, None, :].expand(1, x.shape[0], G))[0]
-    levels = torch.where(choice >= 0, picked, levels) + nmax
+        best = torch.where(better, new_scale * sumlx, best)
+        taken = torch.where(better, iscale, taken)
+    torch.mul(x, taken, out=cand)
+    levels = _round_levels(cand, -nmax, nmax - 1, False).to(torch.int32) + nmax
     levels = torch.where(zero, torch.zeros_like(levels), levels)
     scale = torch.where(zero, torch.zeros_like(scale), scale)
     return scale, levels
@@ -160,6 +221,8 @@ def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tens
     x: (n, G). Returns scale (G,) and L (n, G) int32 (value + nmax; all 0 for a zero sub-block).
     Up to 5 passes over the weights; a pass that changes nothing leaves every later pass idle,
     so running the remaining passes for all sub-blocks equals the reference's early exit.
+    Here the new level x * sl2 / slx can leave nearest_int's domain (a tiny slx), so the
+    reference's bit trick is kept.
     """
     n = x.shape[0]
     amax, vmax = _signed_absmax(x)
@@ -177,9 +240,9 @@ def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tens
             li = rows[i]
             without = sumlx - wx[i] * li
             sl2 = suml2 - w[i] * li * li
-            new_l = nearest_int(x[i] * sl2 / without).clamp(-nmax, nmax - 1).float()
+            new_l = nearest_int(x[i] * sl2 / without).clamp_(-nmax, nmax - 1).float()
             slx = without + wx[i] * new_l
-            sl2 = sl2 + w[i] * new_l * new_l
+            sl2.add_(w[i] * new_l * new_l)
             take = (without > 0) & (new_l != li) & (sl2 > 0) & (slx * slx * suml2 > sumlx * sumlx * sl2)
             rows[i] = torch.where(take, new_l, li)
             sumlx = torch.where(take, slx, sumlx)

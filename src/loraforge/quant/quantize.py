@@ -120,46 +120,63 @@ def _inverse(d: torch.Tensor) -> torch.Tensor:
     return torch.where(d != 0, rdiv(1.0, d), torch.zeros_like(d))
 
 
+def c_int8(v: torch.Tensor) -> torch.Tensor:
+    """C's `(int8_t)v` / `(uint8_t)v` for float32 v as compiled for x86 (truncate to a 32-bit int with
+    cvttss2si, which gives INT_MIN for NaN and out-of-range values, then keep the low byte):
+    int32 tensor of the signed byte, -128..127. In range this is plain truncation; the rest
+    only happens for blocks whose scale underflows (the reference's 1/d is then infinite).
+    """
+    whole = torch.trunc(v)
+    whole = torch.where(whole.abs() < 2147483648.0, whole, torch.zeros_like(whole))
+    low = whole.to(torch.int64).to(torch.int32) & 0xFF
+    return (low ^ 0x80) - 0x80
+
+
 def _q8_0(x: torch.Tensor) -> torch.Tensor:
     """Q8_0 (34 bytes): f16 d = amax / 127, 32 int8 roundf(x / d)."""
     d = x.abs().amax(dim=1, keepdim=True) / 127.0
-    q = round_half_away(x * _inverse(d)).to(torch.int8)
+    q = c_int8(round_half_away(x * _inverse(d))).to(torch.int8)
     return torch.cat([fp16_bytes(d), q.view(torch.uint8)], dim=1)
 
 
+def _pack_bytes_or(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """`q = low; q |= high << 4` on uint8 bytes (low is not masked, as in the reference)."""
+    return ((low & 0xFF) | ((high << 4) & 0xFF)).to(torch.uint8)
+
+
 def _q4_0(x: torch.Tensor) -> torch.Tensor:
-    """Q4_0 (18 bytes): f16 d = max / -8, nibbles min(15, (int)(x / d + 8.5))."""
+    """Q4_0 (18 bytes): f16 d = max / -8, nibbles min(15, (int8_t)(x / d + 8.5))."""
     d = _signed_absmax(x) / -8.0
-    q = torch.trunc(x * _inverse(d) + 8.5).clamp(max=15)
-    return torch.cat([fp16_bytes(d), pack_nibbles(q[:, :16], q[:, 16:])], dim=1)
+    q = c_int8(x * _inverse(d) + 8.5).clamp(max=15)
+    return torch.cat([fp16_bytes(d), _pack_bytes_or(q[:, :16], q[:, 16:])], dim=1)
 
 
 def _q4_1(x: torch.Tensor) -> torch.Tensor:
-    """Q4_1 (20 bytes): f16 d = (max - min) / 15, f16 m = min, nibbles min(15, (int)((x - min) / d + 0.5))."""
+    """Q4_1 (20 bytes): f16 d = (max - min) / 15, f16 m = min, nibbles min(15, (int8_t)((x - min) / d + 0.5))."""
     lo = _first_signed(x, x.amin(dim=1, keepdim=True))
     d = (x.amax(dim=1, keepdim=True) - lo) / 15.0
-    q = torch.trunc((x - lo) * _inverse(d) + 0.5).clamp(max=15)
-    return torch.cat([fp16_bytes(d), fp16_bytes(lo), pack_nibbles(q[:, :16], q[:, 16:])], dim=1)
+    q = c_int8((x - lo) * _inverse(d) + 0.5).clamp(max=15)
+    return torch.cat([fp16_bytes(d), fp16_bytes(lo), _pack_bytes_or(q[:, :16], q[:, 16:])], dim=1)
 
 
 def _q5_high_bits(q: torch.Tensor) -> torch.Tensor:
-    """The 32-bit mask of bit 4 of each of the 32 values, as 4 little-endian bytes (n, 4)."""
-    high = (q.to(torch.int32) >> 4) & 1
+    """The 32-bit mask of bit 4 of each of the 32 byte values, as 4 little-endian bytes (n, 4)."""
+    high = (q >> 4) & 1
     return pack_bits(high.reshape(-1, 4, 8))
 
 
 def _q5_0(x: torch.Tensor) -> torch.Tensor:
-    """Q5_0 (22 bytes): f16 d = max / -16, 5-bit min(31, (int)(x / d + 16.5)) as high-bit mask + nibbles."""
+    """Q5_0 (22 bytes): f16 d = max / -16, 5-bit min(31, (int8_t)(x / d + 16.5)) as high-bit mask + nibbles."""
     d = _signed_absmax(x) / -16.0
-    q = torch.trunc(x * _inverse(d) + 16.5).clamp(max=31)
+    q = c_int8(x * _inverse(d) + 16.5).clamp(max=31) & 0xFF
     return torch.cat([fp16_bytes(d), _q5_high_bits(q), pack_nibbles(q[:, :16], q[:, 16:])], dim=1)
 
 
 def _q5_1(x: torch.Tensor) -> torch.Tensor:
-    """Q5_1 (24 bytes): f16 d = (max - min) / 31, f16 m = min, 5-bit (int)((x - min) / d + 0.5)."""
+    """Q5_1 (24 bytes): f16 d = (max - min) / 31, f16 m = min, 5-bit (uint8_t)((x - min) / d + 0.5)."""
     lo = _first_signed(x, x.amin(dim=1, keepdim=True))
     d = (x.amax(dim=1, keepdim=True) - lo) / 31.0
-    q = torch.trunc((x - lo) * _inverse(d) + 0.5)
+    q = c_int8((x - lo) * _inverse(d) + 0.5) & 0xFF
     return torch.cat([fp16_bytes(d), fp16_bytes(lo), _q5_high_bits(q),
                       pack_nibbles(q[:, :16], q[:, 16:])], dim=1)
 
