@@ -230,6 +230,14 @@ def mix_tensor_types(tensors: Iterable[tuple[str, tuple[int, ...]]], mix: str, n
     return out
 
 
+def file_type_default(file_type: int) -> T | None:
+    """The type most matrices of a file of this general.file_type have (None: not a type named here)."""
+    for name, value in FILE_TYPES.items():
+        if int(value) == int(file_type) and name in MIX_DEFAULT_TYPES:
+            return MIX_DEFAULT_TYPES[name]
+    return None
+
+
 def guess_file_type(types: Iterable[int]) -> int:
     """general.file_type for a file whose matrices have these types: the most common one's file type
     (as llama.cpp's loader guesses it when the key is missing)."""
