@@ -188,8 +188,11 @@ def _target_types(outtype: str, tensors: list[tuple[str, tuple[int, ...], int, b
             wanted = T.Q8_0
             if orig not in QUANTIZABLE_TYPES:
                 msg = f"note: {T(orig).name} cannot be written here; changed tensors of that type become Q8_0"
-                if msg not in notes:
-                    notes.append(msg)
+            else:
+                msg = (f"note: changed {T(orig).name} tensors are written as Q8_0 so that the adapters' change "
+                       f"survives (--outtype same keeps {T(orig).name}, q4_k_m etc. re-quantize everything)")
+            if msg not in notes:
+                notes.append(msg)
         out.append(int(wanted if not modified or _fits(wanted, shape) else T.F16))
     return out
 
@@ -222,13 +225,13 @@ class DeltaReport:
         self.names: list[str] = []
 
     def add(self, name: str, base: torch.Tensor, delta: torch.Tensor, written: torch.Tensor) -> None:
-        delta = delta.double().reshape(-1)
-        norm2 = float(delta @ delta)
+        """base, delta, written: float32 tensors of one shape (left unchanged)."""
+        norm2 = float((delta * delta).sum(dtype=torch.float64))
         if norm2 == 0.0:
             return  # an adapter that changes nothing (B = 0) has nothing to keep
-        applied = written.double().reshape(-1) - base.double().reshape(-1)
-        self.kept.append(float(applied @ delta) / norm2)
-        self.error.append(float(torch.linalg.vector_norm(applied - delta)) / norm2 ** 0.5)
+        applied = written - base
+        self.kept.append(float((applied * delta).sum(dtype=torch.float64)) / norm2)
+        self.error.append(float(applied.sub_(delta).square_().sum(dtype=torch.float64)) ** 0.5 / norm2 ** 0.5)
         self.names.append(name)
 
     def summary(self) -> dict[str, Any]:

@@ -69,10 +69,9 @@ def run_cli(argv: list[str], capsys) -> tuple[str, str]:
     return captured.out, captured.err
 
 
-def report(capsys, text: str) -> None:
-    """Print a measured figure past capsys (shown with -s)."""
-    with capsys.disabled():
-        print(text)
+def report(figures: list[str], text: str) -> None:
+    """Keep a measured figure; the test prints them at its end (shown with -s)."""
+    figures.append(text)
 
 
 def kept_figures(line: str) -> tuple[float, float]:
@@ -103,6 +102,7 @@ def test_merge_to_q8_0_and_q4_k_m_loads_in_llamacpp(tmp_path, gguf_writer, capsy
     adapter = random_adapter(cfg, MODULES, rank=4, seed=2, std=0.05, alpha=4.0)
     write_gguf_adapter(tmp_path / "lora.gguf", adapter, cfg, arch)
     reference = LlamaCpp(base).logits(TOKENS, [(str(tmp_path / "lora.gguf"), 1.0)])  # base + LoRA at run time
+    figures: list[str] = []
     run_cli(["merge", "-m", base, "--lora", str(tmp_path / "lora.gguf"), "-o", str(tmp_path / "m-f32.gguf"),
              "--outtype", "f32"], capsys)
     # bounds, as fractions of the largest |logit| (1.14 here): llama.cpp vs our loader on the same file;
@@ -123,9 +123,9 @@ def test_merge_to_q8_0_and_q4_k_m_loads_in_llamacpp(tmp_path, gguf_writer, capsy
             assert np.array_equal(np.asarray(ours_gf.data(t)).view(np.uint8),
                                   np.asarray(theirs_gf.data(other)).view(np.uint8)), f"{outtype}: {t.name} bytes"
         size_ours, size_theirs = ours_gf.mmap.size, theirs_gf.mmap.size
-        report(capsys, f"\n{outtype}: file {size_ours} bytes, llama.cpp's quantize of the f32 merge {size_theirs} bytes "
-              f"({100 * (size_ours / size_theirs - 1):+.2f}%); types "
-              f"{sorted({T(t.qtype).name for t in ours_gf.tensors})}")
+        report(figures, f"\n{outtype}: file {size_ours} bytes, llama.cpp's quantize of the f32 merge "
+                       f"{size_theirs} bytes ({100 * (size_ours / size_theirs - 1):+.2f}%); types "
+                       f"{sorted({T(t.qtype).name for t in ours_gf.tensors})}")
         assert abs(size_ours / size_theirs - 1) < 0.02
 
         lcpp = LlamaCpp(merged).logits(TOKENS)
@@ -133,17 +133,22 @@ def test_merge_to_q8_0_and_q4_k_m_loads_in_llamacpp(tmp_path, gguf_writer, capsy
         spread = float(np.abs(reference).max())
         diff = float(np.abs(lcpp - ours).max())
         drift = float(np.abs(lcpp - reference).max())
-        report(capsys, f"{outtype}: max |logit| {spread:.3f}; llama.cpp vs our loader on the merged file: max |diff| "
+        report(figures, f"{outtype}: max |logit| {spread:.3f}; llama.cpp vs our loader on the merged file: max |diff| "
               f"{diff:.2e}; merged file vs f32 base + LoRA in llama.cpp: max |diff| {drift:.2e}")
         # llama.cpp multiplies with activations quantized to 8 bits (Q8_0 / Q8_K), we in float32
         assert diff < bound * spread, f"{outtype}: {diff:.3g} vs bound {bound * spread:.3g}"
         assert drift < drift_bound * spread
         out_inspect, _ = run_cli(["inspect", merged], capsys)
         assert outtype.upper() in out_inspect, out_inspect
+    print("\n".join(figures))
 
 
 def test_q4_1_base_keeps_the_adapter_by_default(tmp_path, gguf_writer, capsys):
-    """The reported defect, on a Q4_1 base with a LoRA whose change is ~5% of the weights' spread."""
+    """The reported defect, on a Q4_1 base with a LoRA whose change is 2% of the weights (norm ratio).
+
+    Measured: `auto` keeps 100.0% of the change on average (min 99.6%) and 95.6% of its effect on
+    llama.cpp's logits; `same` keeps 6.9% (min 6.0%) and 12.1% of the effect on the logits.
+    """
     config = tiny_config()
     base = gguf_writer(tmp_path / "base-q4_1.gguf", config, tiny_weights(config, seed=3), qtype=T.Q4_1)
     cfg, arch = base_config(base)
@@ -154,7 +159,7 @@ def test_q4_1_base_keeps_the_adapter_by_default(tmp_path, gguf_writer, capsys):
     with_lora = lcpp_base.logits(TOKENS, [(str(tmp_path / "lora.gguf"), 1.0)])
     effect = with_lora - plain
 
-    figures = {}
+    results, figures = {}, []
     for outtype in ("auto", "same"):
         merged = str(tmp_path / f"m-{outtype}.gguf")
         argv = ["merge", "-m", base, "--lora", str(tmp_path / "lora.gguf"), "-o", merged]
@@ -163,11 +168,12 @@ def test_q4_1_base_keeps_the_adapter_by_default(tmp_path, gguf_writer, capsys):
         got = LlamaCpp(merged).logits(TOKENS) - plain
         logit_kept = float((got * effect).sum() / (effect * effect).sum())
         gf = read_gguf(merged)
-        figures[outtype] = (line, logit_kept, err, gf)
-        report(capsys, f"\n--outtype {outtype}: {line}\n  share of the adapter's effect on llama.cpp's logits: "
+        results[outtype] = (line, logit_kept, err, gf)
+        report(figures, f"\n--outtype {outtype}: {line}\n  share of the adapter's effect on llama.cpp's logits: "
               f"{100 * logit_kept:.1f}%; file type {gf.metadata['general.file_type']}")
 
-    line, logit_kept, err, gf = figures["auto"]
+    print("\n".join(figures))
+    line, logit_kept, err, gf = results["auto"]
     kept = kept_figures(line)
     assert kept[0] > 99.0 and kept[1] > 98.0, line
     assert logit_kept > 0.95
@@ -177,7 +183,7 @@ def test_q4_1_base_keeps_the_adapter_by_default(tmp_path, gguf_writer, capsys):
     assert {t.qtype for t in gf.tensors if t.name in ("token_embd.weight", "output.weight")} == {T.Q4_1}
     assert gf.metadata["general.file_type"] == 7  # most matrices are now Q8_0: MOSTLY_Q8_0
 
-    line, logit_kept, err, gf = figures["same"]
+    line, logit_kept, err, gf = results["same"]
     kept = kept_figures(line)
     assert kept[0] < 50.0, line
     assert logit_kept < 0.5

@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import ctypes
-import os
 
 import numpy as np
 import pytest
@@ -132,7 +131,9 @@ def test_every_block_type_is_byte_identical_to_llamacpp(models, model, tmp_path)
     src = models[model]
     inputs = float_tensors(src)
     rows = []
-    for qtype, ftype in PURE_FTYPES.items():
+    # f16 input only widens exactly to float32 first: a few types show that path
+    types = PURE_FTYPES if model == "f32" else {t: PURE_FTYPES[t] for t in (T.Q8_0, T.Q4_1, T.Q4_K, T.Q6_K)}
+    for qtype, ftype in types.items():
         out = read_gguf(llama_quantize(src, str(tmp_path / f"{qtype.name}.gguf"), ftype, pure=True))
         block_size, type_size = GGML_QUANT_SIZES[qtype]
         n_blocks = n_equal = 0

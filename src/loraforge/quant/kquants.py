@@ -6,9 +6,9 @@ llama-quantize uses without an importance matrix). The per-sub-block searches of
 reference (make_qkx2_quants for Q2_K/Q4_K/Q5_K, make_q3_quants for Q3_K, make_qx_quants for
 Q6_K) run here on "group-major" tensors: a sub-block's n weights along dim 0 and all G
 sub-blocks of the chunk along dim 1, so that the reference's left-to-right sums are n
-vector additions of length G, and the candidate scales of a search are evaluated together
-(dim 0 of size S). Only the choice between candidates, which depends on the previous choice,
-loops over the S steps. See quantize.py for the float32 rules followed throughout.
+vector additions of length G. Python loops run over the fixed steps of a search (each step
+over all G sub-blocks at once), never over blocks. See quantize.py for the float32 rules
+followed throughout.
 """
 
 from __future__ import annotations
@@ -363,7 +363,8 @@ def quantize_q2_k(x: torch.Tensor) -> torch.Tensor:
     xb, scales, mins, levels = _asymmetric_superblock(x, 16, 3, -0.5, 0.1, 15, True, xg.abs())
     max_scale, max_min = _max_positive(scales), _max_positive(mins)
     has_scale, has_min = max_scale > 0, max_min > 0
-    ls = torch.where(has_scale, nearest_int(rdiv(15.0, max_scale) * scales), torch.zeros_like(scales, dtype=torch.int32))
+    ls = nearest_int(rdiv(15.0, max_scale) * scales)
+    ls = torch.where(has_scale, ls, torch.zeros_like(ls))
     lm = nearest_int(rdiv(15.0, max_min) * mins)
     packed = torch.where(has_min, (ls | (lm << 4)) & 0xFF, ls & 0xFF)
     d_raw = torch.where(has_scale, max_scale / 15.0, torch.zeros_like(max_scale))
