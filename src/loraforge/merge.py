@@ -368,9 +368,10 @@ def merge_to_gguf(base_path: str, adapters: Sequence[tuple[Adapter, float]], out
             delta = delta.reshape(base.shape)
             values = base + delta
             changed[0] += 1
-            if not bool(torch.isfinite(values).all()):
-                raise LoraforgeError(f"merged tensor {p.name} has non-finite values (check the adapters and "
-                                     f"their scales); nothing was written to {out_path}")
+        if not bool(torch.isfinite(values).all()):
+            whose = "the adapters or their scales" if delta is not None else f"the base {base_path}"
+            raise LoraforgeError(f"merged tensor {p.name} has non-finite values (check {whose}); "
+                                 f"nothing was written to {out_path}")
         data = quantize_tensor(values, p.qtype)
         if delta is not None:
             written = dequantize(torch.from_numpy(data), p.qtype, p.shape, torch.float32)

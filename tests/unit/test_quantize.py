@@ -119,3 +119,22 @@ def test_cuda_encodes_the_same_bytes(qtype):
     gpu = quantize_tensor_torch(x.cuda(), qtype)
     assert gpu.device.type == "cuda"
     assert torch.equal(gpu.cpu(), cpu)
+
+
+def test_merge_with_overflowing_scale_writes_nothing(tmp_path, capsys, tiny_gguf_path):
+    from loraforge.formats.gguf_lora import write_gguf_adapter
+    from loraforge.lora import Adapter
+    from loraforge.merge import base_config
+
+    cfg, arch = base_config(tiny_gguf_path)
+    g = torch.Generator().manual_seed(0)
+    adapter = Adapter(tensors={"model.layers.0.self_attn.q_proj.lora_A": torch.randn(2, cfg.hidden_size, generator=g),
+                               "model.layers.0.self_attn.q_proj.lora_B": torch.randn(cfg.hidden_size, 2, generator=g)},
+                      alpha=2.0)
+    write_gguf_adapter(tmp_path / "a.gguf", adapter, cfg, arch)
+    out = tmp_path / "m.gguf"
+    rc = main(["merge", "-m", tiny_gguf_path, "--lora-scaled", str(tmp_path / "a.gguf"), "1e38", "-o", str(out),
+               "--outtype", "q4_0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "non-finite" in err[-1] and "blk.0.attn_q.weight" in err[-1], err
+    assert not out.exists() and list(tmp_path.iterdir()) == [tmp_path / "a.gguf"]

@@ -125,8 +125,9 @@ def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, r
 
     def quantize_levels(iscale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         torch.sub(x, offset, out=shifted)
+        iscale = torch.where(live, iscale, torch.zeros_like(iscale))  # flat columns: discarded at the end
         reach = torch.where(live, torch.maximum(hi - offset, offset - lo), torch.zeros_like(lo))
-        torch.mul(shifted, torch.where(live, iscale, torch.zeros_like(iscale)), out=cand)
+        torch.mul(shifted, iscale, out=cand)
         return _round_levels(cand, 0, nmax, _needs_exact(iscale, reach))
 
     def error(scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:

@@ -23,13 +23,13 @@ each type against `llama_model_quantize` of llama-cpp-python). Everything is vec
 all blocks of a chunk; loops run only over the elements of one block (the ordered sums) or the
 fixed steps of a search, so the same code runs on CPU and CUDA tensors.
 
-Throughput, measured with bench/quantize_speed.py (1024 x 4096 float32, best of 2, torch 2.13
-CPU, 2-core AMD EPYC shared with other jobs: load average ~10, so absolute figures are low;
-llama.cpp's ggml_quantize_chunk, single-threaded, measured in the same run), MB/s of float32 input:
-Q8_0 81 (llama.cpp 501), Q4_0 140 (3219), Q4_1 160 (4870), Q5_0 113 (809), Q5_1 161 (1728),
-Q2_K 24 (36), Q3_K 23 (152), Q4_K 20 (33), Q5_K 24 (38), Q6_K 25 (70). A Llama-2-7B (27 GB of
-float32) in Q4_K is ~22 minutes at that rate; the K-quant searches are ~1.6x slower than the C
-reference's; the legacy types pay one pass over memory per torch op.
+Throughput, measured with bench/quantize_speed.py (4096 x 4096 float32, best of 2, torch 2.13
+CPU, 2 threads, 2-core AMD EPYC shared with other jobs: load average ~13, so absolute figures
+are low; llama.cpp's ggml_quantize_chunk on one thread measured in the same run), MB/s of
+float32 input: Q8_0 166 (llama.cpp 558), Q4_0 215 (1048), Q4_1 161 (1472), Q5_0 164 (730),
+Q5_1 163 (1237), Q2_K 24 (38), Q3_K 25 (161), Q4_K 19 (34), Q5_K 23 (39), Q6_K 35 (66).
+A Llama-2-7B (27 GB of float32) entirely in Q4_K takes ~24 minutes at that rate; the K-quant
+searches run at about 0.55x the C reference's speed.
 """
 
 from __future__ import annotations
