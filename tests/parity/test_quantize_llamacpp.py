@@ -1,7 +1,7 @@
 """Our GGUF quantizers and named mixes against llama.cpp's own quantizer (llama-cpp-python).
 
-1. Every block type on the matrices of small llama GGUF files (f32, and f16 as llama.cpp's
-   converter writes them) with realistic weights: normal values with a sprinkle of outliers
+1. Every block type on the matrices of a small llama GGUF file (f32; an f16 file for four
+   types, as llama.cpp's converter writes them) with realistic weights: normal values with a sprinkle of outliers
    10-50x larger, plus rows of zeros, constants and a lone spike. llama.cpp quantizes the file
    with `llama_model_quantize` (pure: every matrix in one type); each tensor's bytes must equal
    `quantize_tensor` of the same input values. The RMSE of both against the float weights is
@@ -176,7 +176,7 @@ def edge_rows(rng) -> np.ndarray:
 
 @pytest.mark.parametrize("qtype", list(PURE_FTYPES) + [T.F16, T.BF16], ids=lambda t: t.name)
 def test_edge_blocks_match_ggml_quantize_chunk(qtype):
-    from llama_cpp._ggml import libggml
+    libggml = pytest.importorskip("llama_cpp._ggml", reason="llama-cpp-python without its ggml module").libggml
 
     libggml.ggml_quantize_chunk.restype = ctypes.c_size_t
     libggml.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
