@@ -27,9 +27,10 @@ from loraforge.atomic import atomic_path
 from loraforge.config import ModelConfig
 from loraforge.errors import LoraforgeError, file_error
 from loraforge.lora import Adapter
+from loraforge.quant.mixes import OUTTYPES as MIX_OUTTYPES
 
-GGUF_OUTTYPES = ("f32", "f16", "bf16", "q8_0", "same")
-HF_OUTTYPES = ("f32", "f16", "bf16", "same")
+GGUF_OUTTYPES = ("auto", "same") + MIX_OUTTYPES
+HF_OUTTYPES = ("auto", "same", "f32", "f16", "bf16")
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                       "generation_config.json", "chat_template.jinja", "chat_template.json", "added_tokens.json",
                       "vocab.json", "merges.txt")
@@ -139,13 +140,6 @@ class _Planned:
     nbytes: int
 
 
-def _quantizable(qtype: int) -> bool:
-    import gguf
-
-    T = gguf.GGMLQuantizationType
-    return qtype in (T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0)
-
-
 def _nbytes(qtype: int, shape: tuple[int, ...]) -> int:
     import gguf
 
@@ -153,28 +147,54 @@ def _nbytes(qtype: int, shape: tuple[int, ...]) -> int:
     return int(np.prod(shape)) // block * size
 
 
-def _target_type(outtype: str, orig: int, shape: tuple[int, ...], modified: bool, notes: list[str]) -> int:
-    """The output type of one tensor: 1-D tensors stay float, `same` keeps the base's type where
-    the gguf package can encode it (else Q8_0), rows that are not whole blocks stay F32."""
+def _fits(qtype: int, shape: tuple[int, ...]) -> bool:
     import gguf
 
+    return shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)][0] == 0
+
+
+def _target_types(outtype: str, tensors: list[tuple[str, tuple[int, ...], int, bool]], cfg: ModelConfig,
+                  arch: str, notes: list[str]) -> list[int]:
+    """The output type of each (GGUF name, shape, base type, modified) tensor.
+
+    A mix or single type (mixes.OUTTYPES) gives every matrix llama-quantize's type for it; 1-D
+    tensors keep their type (F32 when an adapter changes one stored otherwise). `same` keeps the
+    base's types; `auto` keeps them for untouched tensors and writes changed matrices at least
+    as precisely as Q8_0 (F32/F16/BF16/Q8_0 bases keep their type), so re-quantization does not
+    round a small adapter change away.
+    """
+    import gguf
+
+    from loraforge.quant.mixes import ArchInfo, mix_tensor_types
+    from loraforge.quant.quantize import QUANTIZABLE_TYPES
+
     T = gguf.GGMLQuantizationType
-    if len(shape) < 2:
-        return orig if not modified or orig in (T.F32, T.F16) else T.F32
-    if outtype == "same":
-        if not modified or _quantizable(orig):
-            return orig
-        msg = f"note: the gguf package cannot quantize {T(orig).name}; changed tensors are written as Q8_0"
-        if msg not in notes:
-            notes.append(msg)
-        wanted = T.Q8_0
-    else:
-        wanted = {"f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0}[outtype]
-    block = gguf.GGML_QUANT_SIZES[wanted][0]
-    return wanted if shape[-1] % block == 0 else T.F32
-
-
-_FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}
+    keeps_adapter = (T.F32, T.F16, T.BF16, T.Q8_0)
+    mixed: dict[str, Any] = {}
+    if outtype not in ("same", "auto"):
+        info = ArchInfo(arch, cfg.num_attention_heads, cfg.num_key_value_heads,
+                        tied=not any(name == "output.weight" for name, *_ in tensors))
+        mixed = mix_tensor_types([(name, shape) for name, shape, *_ in tensors], outtype, cfg.num_hidden_layers, info)
+    out = []
+    for name, shape, orig, modified in tensors:
+        if len(shape) < 2 or (outtype not in ("same", "auto") and mixed[name] is None):
+            out.append(orig if not modified or orig in (T.F32, T.F16) else T.F32)
+            continue
+        if outtype not in ("same", "auto"):
+            out.append(int(mixed[name]))
+            continue
+        wanted = orig
+        if modified and (orig not in QUANTIZABLE_TYPES or (outtype == "auto" and orig not in keeps_adapter)):
+            wanted = T.Q8_0
+            if orig not in QUANTIZABLE_TYPES:
+                msg = f"note: {T(orig).name} cannot be written here; changed tensors of that type become Q8_0"
+            else:
+                msg = (f"note: changed {T(orig).name} tensors are written as Q8_0 so that the adapters' change "
+                       f"survives (--outtype same keeps {T(orig).name}, q4_k_m etc. re-quantize everything)")
+            if msg not in notes:
+                notes.append(msg)
+        out.append(int(wanted if not modified or _fits(wanted, shape) else T.F16))
+    return out
 
 
 def _decode(gf, t) -> torch.Tensor:
@@ -191,11 +211,49 @@ def _decode(gf, t) -> torch.Tensor:
     return torch.from_numpy(np.array(values, dtype=np.float32).reshape(t.shape))
 
 
-def _encode(x: torch.Tensor, qtype: int) -> np.ndarray:
-    import gguf
+class DeltaReport:
+    """How much of the adapters' change survives in the written tensors.
 
-    arr = x.detach().float().cpu().contiguous().numpy()
-    return np.ascontiguousarray(gguf.quants.quantize(arr, gguf.GGMLQuantizationType(qtype)))
+    For each changed tensor: applied = written - base (both as float32), kept = <applied, delta> /
+    <delta, delta> (1.0: all of the change is there; re-encoding a base that is already on the
+    type's grid snaps a small change back to the base, kept near 0), error = |applied - delta| /
+    |delta| (the type's rounding noise, relative to the size of the change).
+    """
+
+    def __init__(self) -> None:
+        self.kept: list[float] = []
+        self.error: list[float] = []
+        self.names: list[str] = []
+
+    def add(self, name: str, base: torch.Tensor, delta: torch.Tensor, written: torch.Tensor) -> None:
+        """base, delta, written: float32 tensors of one shape (left unchanged)."""
+        norm2 = float((delta * delta).sum(dtype=torch.float64))
+        if norm2 == 0.0:
+            return  # an adapter that changes nothing (B = 0) has nothing to keep
+        applied = written - base
+        self.kept.append(float((applied * delta).sum(dtype=torch.float64)) / norm2)
+        self.error.append(float(applied.sub_(delta).square_().sum(dtype=torch.float64)) ** 0.5 / norm2 ** 0.5)
+        self.names.append(name)
+
+    def summary(self) -> dict[str, Any]:
+        if not self.kept:
+            return {"tensors": 0}
+        worst = int(np.argmin(self.kept))
+        return {"tensors": len(self.kept), "kept_mean": float(np.mean(self.kept)), "kept_min": self.kept[worst],
+                "kept_min_tensor": self.names[worst], "error_mean": float(np.mean(self.error)),
+                "error_max": float(np.max(self.error))}
+
+    def lines(self, what: str) -> list[str]:
+        s = self.summary()
+        if not s["tensors"]:
+            return []
+        out = [f"adapter change kept in the {what} ({s['tensors']} changed tensors): mean {100 * s['kept_mean']:.1f}%, "
+               f"min {100 * s['kept_min']:.1f}% ({s['kept_min_tensor']}); error of the applied change: "
+               f"mean {100 * s['error_mean']:.1f}%, max {100 * s['error_max']:.1f}% of the change"]
+        if s["kept_mean"] < 0.5:  # (a large error alone is rounding noise on top of a kept change)
+            out.append("warning: the output type rounds most of the adapters' change away; merge with "
+                       "--outtype auto (the default), q8_0 or f16 to keep it")
+        return out
 
 
 def _write_gguf(path: str, version: int, kv: list[bytes], plan: list[_Planned], alignment: int,
@@ -224,15 +282,39 @@ def _write_gguf(path: str, version: int, kv: list[bytes], plan: list[_Planned], 
             f.write(b"\0" * pad(p.nbytes))
 
 
+def _file_type(outtype: str, plan: list[_Planned], base_meta: dict[str, Any]) -> int | None:
+    """general.file_type of the merged file: the mix's; for same/auto the base's when no matrix
+    changed type and the base's value names its most common matrix type (None: leave the key as
+    it is), else the file type of the most common matrix type written."""
+    from loraforge.quant.mixes import FILE_TYPES, file_type_default, guess_file_type
+
+    if outtype in FILE_TYPES:
+        return int(FILE_TYPES[outtype])
+    matrices = [p for p in plan if len(p.shape) >= 2]
+    guessed = guess_file_type(p.qtype for p in matrices)
+    if "general.file_type" in base_meta and all(p.qtype == p.source.qtype for p in matrices):
+        if file_type_default(base_meta["general.file_type"]) == file_type_default(guessed):
+            return None
+    return guessed
+
+
 def merge_to_gguf(base_path: str, adapters: Sequence[tuple[Adapter, float]], out_path: str,
-                  outtype: str = "same", labels: Sequence[str] = (),
+                  outtype: str = "auto", labels: Sequence[str] = (),
                   log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict[str, Any]:
-    """Write base + adapters as one GGUF model at `out_path` (atomic). Returns a summary dict."""
+    """Write base + adapters as one GGUF model at `out_path` (atomic). Returns a summary dict.
+
+    outtype: `auto` (untouched tensors copied, changed matrices at least Q8_0-precise), `same`
+    (the base's types), or a llama-quantize type/mix name (f16, q8_0, q4_k_m, ...: see
+    quant.mixes). Logs (on stderr) how much of the adapters' change the written tensors keep.
+    """
     from loraforge.formats.gguf import read_model
     from loraforge.formats.gguf_file import read_gguf
     from loraforge.formats.names import (gguf_to_hf_name, is_aux_gguf_tensor, needs_qk_permutation,
                                          permute_qk_hf_to_gguf, qk_heads)
+    from loraforge.quant.ggml import dequantize
+    from loraforge.quant.quantize import quantize_tensor
 
+    outtype = outtype.lower()
     if outtype not in GGUF_OUTTYPES:
         raise LoraforgeError(f"--outtype {outtype!r}: choose one of {', '.join(GGUF_OUTTYPES)}")
     if os.path.isdir(base_path):
@@ -242,55 +324,68 @@ def merge_to_gguf(base_path: str, adapters: Sequence[tuple[Adapter, float]], out
     arch = gf.metadata["general.architecture"]
     permute = needs_qk_permutation(arch)
 
-    notes: list[str] = []
-    plan: list[_Planned] = []
+    sources: list[tuple[str, Any, str | None, bool]] = []  # (name, base tensor, HF name, modified)
     embd = None
     for t in gf.tensors:
         hf = None if is_aux_gguf_tensor(t.name) or t.name == "rope_freqs.weight" else gguf_to_hf_name(t.name)
-        modified = hf is not None and weight_delta_exists(adapters, hf)
-        qtype = _target_type(outtype, t.qtype, t.shape, modified, notes) if hf else t.qtype
-        plan.append(_Planned(t.name, t, hf, qtype, not modified and qtype == t.qtype, t.shape,
-                             _nbytes(qtype, t.shape)))
+        sources.append((t.name, t, hf, hf is not None and weight_delta_exists(adapters, hf)))
         if t.name == "token_embd.weight":
             embd = t
     if needs_untied_output(cfg, adapters) and embd is not None:
-        modified = _touches(adapters, "lm_head")
-        qtype = _target_type(outtype, embd.qtype, embd.shape, modified, notes)
-        plan.append(_Planned("output.weight", embd, "lm_head.weight", qtype, not modified and qtype == embd.qtype,
-                             embd.shape, _nbytes(qtype, embd.shape)))
+        sources.append(("output.weight", embd, "lm_head.weight", _touches(adapters, "lm_head")))
+    notes: list[str] = []
+    types = _target_types(outtype, [(n, t.shape, t.qtype, m) for n, t, _, m in sources], cfg, arch, notes)
+    plan = [_Planned(name, t, hf, qtype, not modified and qtype == t.qtype, t.shape, _nbytes(qtype, t.shape))
+            for (name, t, hf, modified), qtype in zip(sources, types)]
     for note in notes:
         log(note)
 
+    file_type = _file_type(outtype, plan, gf.metadata)
     kv = []
     for key, record in kv_records(base_path):
-        if key == "general.file_type" and outtype in _FILE_TYPES:
-            record = _kv_uint32(key, _FILE_TYPES[outtype])
+        if key == "general.file_type" and file_type is not None:
+            record = _kv_uint32(key, file_type)
         if key != "loraforge.merged_adapters":
             kv.append(record)
-    if outtype in _FILE_TYPES and "general.file_type" not in gf.metadata:
-        kv.append(_kv_uint32("general.file_type", _FILE_TYPES[outtype]))
+    if file_type is not None and "general.file_type" not in gf.metadata:
+        kv.append(_kv_uint32("general.file_type", file_type))
     if adapters:
         kv.append(_kv_string("loraforge.merged_adapters", json.dumps(
             [{"adapter": (labels[i] if i < len(labels) else f"#{i + 1}"), "scale": s}
              for i, (_, s) in enumerate(adapters)])))
     changed = [0]
+    report = DeltaReport()
 
     def tensor_bytes(p: _Planned) -> np.ndarray:
         if p.copy_raw:
             return gf.data(p.source)
-        values = _decode(gf, p.source)
+        base = _decode(gf, p.source)
         delta = weight_delta(adapters, p.hf_name) if p.hf_name else None
+        values = base
         if delta is not None:
             heads = qk_heads(p.hf_name, cfg.num_attention_heads, cfg.num_key_value_heads)
             if permute and heads is not None:
                 delta = permute_qk_hf_to_gguf(delta, heads)
-            values = values + delta.reshape(values.shape)
+            delta = delta.reshape(base.shape)
+            values = base + delta
             changed[0] += 1
-        return _encode(values, p.qtype)
+        if values.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(values))).all()):  # NaN spreads
+            whose = "the adapters or their scales" if delta is not None else f"the base {base_path}"
+            raise LoraforgeError(f"merged tensor {p.name} has non-finite values (check {whose}); "
+                                 f"nothing was written to {out_path}")
+        data = quantize_tensor(values, p.qtype)
+        if delta is not None:
+            written = dequantize(torch.from_numpy(data), p.qtype, p.shape, torch.float32)
+            report.add(p.name, base, delta, written)
+        return data
 
     with atomic_path(out_path) as tmp:
         _write_gguf(tmp, gf.version, kv, plan, int(gf.metadata.get("general.alignment", 32)), tensor_bytes)
-    return {"tensors": len(plan), "changed": changed[0], "arch": arch, "notes": notes}
+    for line in report.lines("merged file"):
+        log(line)
+    return {"tensors": len(plan), "changed": changed[0], "arch": arch, "notes": notes,
+            "file_type": file_type if file_type is not None else gf.metadata.get("general.file_type"),
+            "types": {p.name: p.qtype for p in plan}, "delta": report.summary()}
 
 
 def weight_delta_exists(adapters: Sequence[tuple[Adapter, float]], hf_name: str) -> bool:
@@ -360,10 +455,16 @@ def _gguf_base_tensors(base_path: str):
 
 
 def merge_to_hf(base_path: str, adapters: Sequence[tuple[Adapter, float]], out_folder: str,
-                outtype: str = "same", max_shard_bytes: int = 2 << 30) -> dict[str, Any]:
-    """Write base + adapters as an HF folder (config.json, safetensors shards, tokenizer files)."""
+                outtype: str = "auto", max_shard_bytes: int = 2 << 30,
+                log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict[str, Any]:
+    """Write base + adapters as an HF folder (config.json, safetensors shards, tokenizer files).
+
+    outtype: f32, f16, bf16, or auto/same (the base's dtype; float32 for a quantized GGUF base).
+    Logs (on stderr) how much of the adapters' change the written dtype keeps.
+    """
     from loraforge.formats.hf import iter_tensors, read_config, write_folder
 
+    outtype = outtype.lower()
     if outtype not in HF_OUTTYPES:
         raise LoraforgeError(f"--outtype {outtype!r} is not available for HF folders "
                              f"(choose {', '.join(HF_OUTTYPES)})")
@@ -404,24 +505,27 @@ def merge_to_hf(base_path: str, adapters: Sequence[tuple[Adapter, float]], out_f
     untie = needs_untied_output(cfg, adapters)
     out_cfg = cfg.replace(tie_word_embeddings=False) if untie else cfg
     changed = [0]
+    report = DeltaReport()
+
+    def merged(name: str, t: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
+        out_dtype = dtype or t.dtype
+        if delta is None:
+            return t.to(out_dtype)
+        base = t.float()
+        delta = delta.reshape(base.shape)
+        out = (base + delta).to(out_dtype)
+        report.add(name, base, delta, out.float())
+        changed[0] += 1
+        return out
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for name, t in iterate():
             if cfg.tie_word_embeddings and name == "lm_head.weight":
                 continue  # the tied output is rebuilt below when it has to differ
-            delta = weight_delta(adapters, name)
-            out_dtype = dtype or t.dtype
-            if delta is not None:
-                t = t.float() + delta.reshape(t.shape)
-                changed[0] += 1
-            yield name, t.to(out_dtype)
+            yield name, merged(name, t, weight_delta(adapters, name))
         if untie:
-            embed = get("model.embed_tokens.weight")
-            delta = weight_delta(adapters, "lm_head.weight")
-            if delta is not None:
-                embed = embed.float() + delta
-                changed[0] += 1
-            yield "lm_head.weight", embed.to(dtype or embed.dtype)
+            yield "lm_head.weight", merged("lm_head.weight", get("model.embed_tokens.weight"),
+                                           weight_delta(adapters, "lm_head.weight"))
 
     created = not os.path.isdir(out_folder)
     try:
@@ -437,7 +541,9 @@ def merge_to_hf(base_path: str, adapters: Sequence[tuple[Adapter, float]], out_f
         if created:
             shutil.rmtree(out_folder, ignore_errors=True)
         raise
-    return {"changed": changed[0], "untied": untie}
+    for line in report.lines("merged folder"):
+        log(line)
+    return {"changed": changed[0], "untied": untie, "delta": report.summary()}
 
 
 def base_config(path: str) -> tuple[ModelConfig, str]:

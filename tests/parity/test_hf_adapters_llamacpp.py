@@ -30,7 +30,7 @@ peft = pytest.importorskip("peft")
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "lm_head"]
 TOKENS = [5, 70, 100, 3, 44, 200, 17, 9, 257, 31, 128, 64, 250, 2, 90, 11]
-MERGE_OUTTYPES = ["f32", "q8_0"]  # Q4_K_M joins when the quantizer lands
+MERGE_OUTTYPES = ["f32", "q8_0", "q4_k_m"]
 
 
 def make_peft(model, folder, targets, seed: int = 1):
@@ -102,8 +102,28 @@ def test_merged_hf_finetune_in_llama_cpp(llama_case, tmp_path, outtype, capsys):
               f"{np.abs(ours).max():.1f}")
     if outtype == "f32":
         assert diff <= 1e-3 and vs_peft <= 1e-3
-    else:  # llama.cpp also rounds activations to 8 bits in q8_0 matmuls
+    elif outtype == "q8_0":  # llama.cpp also rounds activations to 8 bits in q8_0 matmuls
         assert diff <= 0.02 * np.abs(ours).max() and top1 >= 0.99
+    else:  # and to Q8_K for K-quant matmuls
+        assert diff <= 0.05 * np.abs(ours).max() and top1 >= 0.95
+        # the same mix as llama.cpp's own quantize of our f32 merge: per-tensor types and size
+        import ctypes
+
+        from loraforge.formats.gguf_file import read_gguf
+
+        f32 = tmp_path / "merged-f32.gguf"
+        assert main(["merge", "-m", str(folder), "--lora", str(peft_dir), "-o", str(f32), "--outtype", "f32"]) == 0
+        theirs = tmp_path / "llama-q4_k_m.gguf"
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = 15  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+        assert llama_cpp.llama_model_quantize(str(f32).encode(), str(theirs).encode(), ctypes.byref(params)) == 0
+        ours_types = {t.name: t.qtype for t in read_gguf(out).tensors}
+        assert ours_types == {t.name: t.qtype for t in read_gguf(theirs).tensors}
+        size_ratio = out.stat().st_size / theirs.stat().st_size
+        with capsys.disabled():
+            print(f"merged q4_k_m: {out.stat().st_size} bytes, llama.cpp's quantize of the f32 merge "
+                  f"{theirs.stat().st_size} bytes ({size_ratio:.4f}x)")
+        assert abs(size_ratio - 1) <= 0.02
 
 
 @pytest.fixture(scope="module")

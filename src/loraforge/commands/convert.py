@@ -29,13 +29,14 @@ def add_ollama_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from loraforge.formats.convert import OUTTYPES
+    from loraforge.quant.mixes import OUTTYPES
 
     parser.add_argument("model", metavar="HF_FOLDER", help="Hugging Face model folder (config.json, safetensors, "
                                                            "tokenizer files)")
     parser.add_argument("-o", "--out", metavar="FILE", required=True, help="GGUF file to write")
-    parser.add_argument("--outtype", choices=OUTTYPES, default="f16",
-                        help="tensor type of the matrices (1-D tensors stay f32; default f16)")
+    parser.add_argument("--outtype", type=str.lower, choices=OUTTYPES, default="f16",
+                        help="f32/f16/bf16/q8_0 as llama.cpp's converter writes them, or a llama-quantize type "
+                             "(q4_k_m, q5_k_m, q6_k, q4_0 ...) with its per-tensor mix; 1-D tensors stay f32")
     parser.add_argument("--lora", metavar="PATH", action="append", default=[],
                         help="adapter to merge in at scale 1 (PEFT folder, GGUF LoRA, checkpoint); repeatable")
     parser.add_argument("--lora-scaled", metavar=("PATH", "SCALE"), nargs=2, action="append", default=[],

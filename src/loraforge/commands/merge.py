@@ -3,9 +3,18 @@
   loraforge merge -m base.gguf --lora a.gguf --lora-scaled b_peft_dir 0.5 -o merged.gguf --outtype q8_0
   loraforge merge -m base.gguf --lora a.gguf -o merged_hf_dir --to hf
 
-The output keeps the base's metadata (tokenizer, chat template, ...). GGUF output types: f32,
-f16, bf16, q8_0, or `same` (each tensor keeps the base's type; untouched tensors are copied
-byte for byte). HF output: f32, f16, bf16 or same.
+  loraforge merge -m base-f16.gguf --lora a.gguf -o merged-Q4_K_M.gguf --outtype q4_k_m
+
+The output keeps the base's metadata (tokenizer, chat template, ...). GGUF output types:
+- auto (default): untouched tensors are copied byte for byte, changed matrices keep the base's
+  type when it is F32/F16/BF16/Q8_0 and become Q8_0 otherwise (re-quantizing a small adapter
+  change into Q4_1 or Q4_K would round most of it away);
+- same: every tensor keeps the base's type;
+- a llama-quantize type: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k_s, q3_k_m,
+  q3_k_l, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k (llama.cpp's per-tensor mix, byte for byte what
+  llama-quantize writes from the same float32 weights), or q3_k, q4_k, q5_k (every matrix in that type).
+After the merge, how much of the adapters' change the written tensors keep is reported on stderr.
+HF output: auto/same (the base's dtype), f32, f16 or bf16.
 """
 
 from __future__ import annotations
@@ -25,8 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="adapter at a user scale; repeatable")
     parser.add_argument("-o", "--out", metavar="PATH", required=True,
                         help="merged model: a .gguf file or an HF folder")
-    parser.add_argument("--outtype", choices=("f32", "f16", "bf16", "q8_0", "same"), default="same",
-                        help="tensor type of the merged model (default: same as the base)")
+    parser.add_argument("--outtype", metavar="TYPE", default="auto",
+                        help="tensor types of the merged model: auto (default; changed tensors at least Q8_0), "
+                             "same, f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k_s/m/l, q4_k_s/m, "
+                             "q5_k_s/m, q6_k (llama-quantize mixes), q3_k, q4_k, q5_k (one type)")
     parser.add_argument("--to", choices=("gguf", "hf"), default=None,
                         help="output format (default: gguf for a .gguf name, else hf)")
     from loraforge.commands.convert import add_ollama_arguments
@@ -43,12 +54,16 @@ def output_format(out: str, to: str | None) -> str:
 def run(args: argparse.Namespace) -> int:
     from loraforge.formats.adapters import load_adapters, parse_lora_args
     from loraforge.loader import resolve_model_path
-    from loraforge.merge import base_config, merge_to_gguf, merge_to_hf
+    from loraforge.merge import GGUF_OUTTYPES, HF_OUTTYPES, base_config, merge_to_gguf, merge_to_hf
 
     specs = parse_lora_args(args.lora, args.lora_scaled)
     fmt = output_format(args.out, args.to)
-    if fmt == "hf" and args.outtype == "q8_0":
-        raise LoraforgeError("--outtype q8_0 is only available for GGUF output (HF: f32, f16, bf16, same)")
+    outtype = args.outtype.lower()
+    allowed = GGUF_OUTTYPES if fmt == "gguf" else HF_OUTTYPES
+    if outtype not in allowed:
+        hint = " (quantized types are for GGUF output)" if fmt == "hf" and outtype in GGUF_OUTTYPES else ""
+        raise LoraforgeError(f"--outtype {args.outtype!r} is not available for {fmt.upper()} output{hint}; "
+                             f"choose one of {', '.join(allowed)}")
     base = resolve_model_path(args.model_base)
     if os.path.abspath(args.out) == os.path.abspath(base):
         raise file_error(args.out, "is the base model; choose another output path")
@@ -61,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
 
             from loraforge.formats.convert import native_outtype
 
-            outtype = native_outtype(base) if args.outtype == "same" else args.outtype
+            outtype = native_outtype(base) if outtype in ("same", "auto") else outtype
             summary = convert_folder(base, args.out, outtype, specs, args)
             print(f"wrote {args.out} (GGUF {summary['arch']} from an HF base, {summary['tensors']} tensors, "
                   f"{summary['changed']} changed by {len(specs)} adapter(s), {outtype})")
@@ -71,15 +86,18 @@ def run(args: argparse.Namespace) -> int:
     labels = [f"{os.path.basename(p.rstrip('/'))} x{s:g}" for p, s in specs]
     if fmt == "gguf":
         from loraforge.commands.convert import plan_modelfile
+        from loraforge.quant.mixes import file_type_name
 
         write_modelfile = plan_modelfile(args, base, args.out)
-        summary = merge_to_gguf(base, adapters, args.out, args.outtype, labels=labels)
+        summary = merge_to_gguf(base, adapters, args.out, outtype, labels=labels)
+        file_type = summary["file_type"]
         print(f"wrote {args.out} (GGUF, {summary['tensors']} tensors, {summary['changed']} changed by "
-              f"{len(adapters)} adapter(s), {args.outtype})")
+              f"{len(adapters)} adapter(s), --outtype {outtype}"
+              f"{', file type ' + file_type_name(file_type) if file_type is not None else ''})")
         if write_modelfile is not None:
             write_modelfile()
     else:
-        summary = merge_to_hf(base, adapters, args.out, args.outtype)
+        summary = merge_to_hf(base, adapters, args.out, outtype)
         print(f"wrote {args.out} (HF folder, {summary['changed']} tensors changed by {len(adapters)} "
-              f"adapter(s), {args.outtype}{', untied output layer' if summary['untied'] else ''})")
+              f"adapter(s), {outtype}{', untied output layer' if summary['untied'] else ''})")
     return 0

@@ -8,9 +8,10 @@ permuted into llama.cpp's q/k order where the architecture needs it, encoded and
 dropped. Peak memory is a few copies of the largest single tensor, whatever the model size.
 
 Per-architecture facts live in `gguf_arch`, tokenizer facts in `gguf_tokenizer`.
-Output types (`OUTTYPES`) follow llama.cpp's converter: 1-D tensors (norms, biases) and
+Output types f32/f16/bf16/q8_0 follow llama.cpp's converter: 1-D tensors (norms, biases) and
 `rope_freqs` stay F32, matrices take the output type, and a matrix whose rows are not whole
-blocks of it falls back to F16 (as llama.cpp's converter does on its QuantError).
+blocks of it falls back to F16 (as llama.cpp's converter does on its QuantError). The other
+types (q4_k_m, q6_k, q4_0 ...) are llama-quantize's per-tensor mixes over that output.
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ from loraforge.config import ModelConfig
 from loraforge.errors import LoraforgeError, file_error
 from loraforge.lora import Adapter
 
-OUTTYPES = ("f32", "f16", "bf16", "q8_0")
-# general.file_type (llama.cpp's llama_ftype) per output type
-FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}
+# f32/f16/bf16/q8_0 as llama.cpp's converter writes them; the other types as llama-quantize would
+# quantize that converter output (its per-tensor mixes, quant/mixes.py)
+CONVERTER_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 _SKIPPED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
@@ -46,7 +47,7 @@ def tensor_qtype(gguf_name: str, shape: tuple[int, ...], outtype: str) -> str:
         return "F32"
     wanted = outtype.upper()
     if wanted not in gguf.GGMLQuantizationType.__members__:
-        raise LoraforgeError(f"--outtype {outtype!r}: choose one of {', '.join(OUTTYPES)}")
+        raise LoraforgeError(f"--outtype {outtype!r}: not a GGML type")
     block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[wanted]][0]
     return wanted if shape[-1] % block == 0 else "F16"
 
@@ -77,7 +78,7 @@ def encode_tensor(values: torch.Tensor, qtype: str) -> np.ndarray:
         from loraforge.quant.quantize import quantize_tensor
     except ImportError:
         raise LoraforgeError(f"output type {qtype} needs loraforge's quantizer, which is not installed") from None
-    return np.ascontiguousarray(np.asarray(quantize_tensor(values, qtype)))
+    return np.ascontiguousarray(np.asarray(quantize_tensor(values, gguf.GGMLQuantizationType[qtype])))
 
 
 # -- reading safetensors one tensor at a time ------------------------------------------------------
@@ -230,6 +231,19 @@ def plan_tensors(folder: str, cfg: ModelConfig, outtype: str,
     return plan
 
 
+def _apply_mix(plan: list["PlannedTensor"], outtype: str, cfg: ModelConfig, gguf_arch: str) -> None:
+    """Per-tensor types of a llama-quantize mix (Q4_K_M ...), as llama-quantize picks them for the
+    converter's output; tensors it leaves alone stay F32 (1-D) or F16 (matrices)."""
+    from loraforge.quant.mixes import ArchInfo, mix_tensor_types
+
+    info = ArchInfo(gguf_arch, cfg.num_attention_heads, cfg.num_key_value_heads,
+                    tied=not any(p.gguf_name == "output.weight" for p in plan))
+    mixed = mix_tensor_types([(p.gguf_name, p.shape) for p in plan], outtype, cfg.num_hidden_layers, info)
+    for p in plan:
+        chosen = mixed.get(p.gguf_name)
+        p.qtype = chosen.name if chosen is not None else ("F32" if len(p.shape) < 2 or p.qtype == "F32" else "F16")
+
+
 # -- writing ----------------------------------------------------------------------------------------
 
 def _model_name(folder: str, cfg: ModelConfig) -> str:
@@ -255,16 +269,19 @@ def convert_hf_to_gguf(folder: str | os.PathLike, out_path: str | os.PathLike, o
     from loraforge.formats.names import permute_qk_hf_to_gguf
     from loraforge.merge import weight_delta_exists
 
+    from loraforge.quant.mixes import FILE_TYPES, parse_outtype
+
     folder, out_path = os.fspath(folder), os.fspath(out_path)
-    if outtype not in OUTTYPES:
-        raise LoraforgeError(f"--outtype {outtype!r}: choose one of {', '.join(OUTTYPES)}")
+    outtype = parse_outtype(outtype)
     cfg = read_config(folder)
     spec = arch_spec(cfg.arch)
     tokenizer = tokenizer_kv(folder, cfg.vocab_size, pre=tokenizer_pre)
     if len(tokenizer.tokens) != cfg.vocab_size:
         raise file_error(folder, f"the tokenizer has {len(tokenizer.tokens)} tokens but the model's embedding "
                                  f"has {cfg.vocab_size} rows")
-    plan = plan_tensors(folder, cfg, outtype, adapters)
+    plan = plan_tensors(folder, cfg, outtype if outtype in CONVERTER_OUTTYPES else "f16", adapters)
+    if outtype not in CONVERTER_OUTTYPES:
+        _apply_mix(plan, outtype, cfg, spec.gguf_arch)
     changed = sum(1 for p in plan if p.hf_name and weight_delta_exists(adapters, p.hf_name))
 
     writer = gguf.GGUFWriter(path=None, arch=spec.gguf_arch)
@@ -279,7 +296,7 @@ def convert_hf_to_gguf(folder: str | os.PathLike, out_path: str | os.PathLike, o
             writer.add_float32(key, value)
         else:
             writer.add_string(key, str(value))
-    writer.add_file_type(FILE_TYPES[outtype])
+    writer.add_file_type(int(FILE_TYPES[outtype]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     tokenizer.write(writer)
     if adapters:
