@@ -236,10 +236,10 @@ def test_bad_input_one_line_error(case: str, tmp_path: Path, smollm2_path: str, 
         expect = "--ctx 100000 is above the model's context length 8192"
     elif case == "zero_batch":
         args += ["--batch", "0"]
-        expect = "--batch must be positive"
+        expect = "--batch: must be positive, got 0"
     elif case == "negative_iter":
         args[args.index("--adam-iter") + 1] = "-3"
-        expect = "--adam-iter must be >= 0"
+        expect = "--adam-iter: must be >= 0, got -3"
     elif case == "unwritable":
         ro = tmp_path / "ro"
         ro.mkdir()
