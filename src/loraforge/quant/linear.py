@@ -11,13 +11,11 @@ decodes in forward, saves nothing but a reference to the module, decodes again i
 and returns only the input gradient. Decoding goes into a reused scratch buffer, a slice of
 rows at a time for large matrices (an LM head), so a step allocates no full-size weights.
 
-A single input row (decoding one token) skips the decoding into float: on the CPU a kernel
-compiled by torch.compile (one per form, dynamic shapes) reads the int8 values and the group
-factors once and sums scale_g * (q_g . x_g) (+ offset_g * sum(x_g)) per row, never writing a
-float weight. For all 211 SmolLM2 matrices on one thread it takes 17-20 ms of CPU time against
-45-50 ms for decode-then-multiply and 35 ms for a float32 model's matmuls. torch has no
-library kernel for this (its int4/int8 weight-only CPU kernels want per-channel or bf16 scales);
-without a working C++ compiler it falls back to decoding.
+A single input row (decoding one token) skips the decoding into float: a C kernel
+(`quant/matvec.c`, built at first use with the system compiler) reads the int8 values and the
+group factors once and sums scale_g * (q_g . x_g) (+ offset_g * sum(x_g)) per row, never
+writing a float weight: 2-4x less time per token than decode-then-multiply, and less than the
+float32 model's own matmuls (figures in `quant/matvec.py`). Without a compiler it decodes.
 """
 
 from __future__ import annotations
@@ -31,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LoraforgeError
+from . import matvec
 from .ggml import check_supported, dequantize, is_block_quantized, split_groups, type_name
 
 # Weights decoded at once: larger matrices go by slices of rows (16 MiB of float32).
@@ -49,54 +48,27 @@ def _scratch(n_elements: int, device: torch.device) -> torch.Tensor:
 
 # -- one input row straight from the split form ----------------------------------------------------
 
-def _row_times_split(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x (G, S) float32, q (R, G, S) int8, scale (R, G, 1): (R,) = sum_g scale_g * (q_g . x_g).
-
-    The group factor multiplies each group's dot product instead of every weight: one int8 ->
-    float conversion and one multiply-add per weight.
-    """
-    return ((q.float() * x).sum(-1) * scale[..., 0].float()).sum(-1)
-
-
-def _row_times_split_offset(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor
-                            ) -> torch.Tensor:
-    """As `_row_times_split` for w = q * scale + offset (offset (R, G, 1)):
-    sum_g scale_g * (q_g . x_g) + offset_g * sum(x_g)."""
-    dots = (q.float() * x).sum(-1)  # (R, G)
-    return (dots * scale[..., 0].float() + offset[..., 0].float() * x.sum(-1)).sum(-1)
-
-
 class _FusedMatvec:
-    """The compiled one-row kernels, built on first use; disabled by LORAFORGE_FUSED_MATVEC=0 or
-    after a compiler failure (then decoding takes over, with one warning)."""
+    """One token through a quantized layer without decoding it (`matvec.split_matvec`, a C kernel
+    built at first use). Off with LORAFORGE_FUSED_MATVEC=0; where the kernel cannot be built the
+    layers decode as for training, with one warning."""
 
     def __init__(self) -> None:
         self.enabled = os.environ.get("LORAFORGE_FUSED_MATVEC", "1") != "0"
-        self._kernels: tuple[Callable, Callable] | None = None
-
-    def kernels(self) -> tuple[Callable, Callable]:
-        if self._kernels is None:
-            self._kernels = (torch.compile(_row_times_split, dynamic=True, fullgraph=True),
-                             torch.compile(_row_times_split_offset, dynamic=True, fullgraph=True))
-        return self._kernels
 
     def __call__(self, x: torch.Tensor, layer: "QuantLinear") -> torch.Tensor | None:
         """layer(x) for one row x (..., n_cols) float32 on the CPU, or None where this does not
-        apply (disabled, another device or dtype, autocast on, a float table)."""
+        apply (switched off, another device or dtype, autocast on, a float table)."""
         if (not self.enabled or layer.scale is None or x.dtype != torch.float32 or x.device.type != "cpu"
                 or torch.is_autocast_enabled("cpu")):
             return None
-        plain, with_offset = self.kernels()
-        xg = x.reshape(layer.q.shape[1], layer.q.shape[2])
-        try:
-            if layer.offset is None:
-                y = plain(xg, layer.q, layer.scale)
-            else:
-                y = with_offset(xg, layer.q, layer.scale, layer.offset)
-        except Exception as e:  # no C++ compiler, an unsupported platform...: decode instead
+        if not matvec.available():
             self.enabled = False
-            warnings.warn(f"compiled quantized matvec unavailable ({type(e).__name__}: {str(e)[:200]}); "
-                          "decoding weights per token instead", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"quantized matvec kernel unavailable ({matvec.unavailable_reason()}); decoding "
+                          "weights per token instead", RuntimeWarning, stacklevel=3)
+            return None
+        y = matvec.split_matvec(x.reshape(-1), layer.q, layer.scale, layer.offset)
+        if y is None:
             return None
         if layer.bias is not None:
             y = y + layer.bias
@@ -107,7 +79,7 @@ fused_matvec = _FusedMatvec()
 
 
 def set_fused_matvec(enabled: bool) -> None:
-    """Switch the compiled one-row kernel on or off (e.g. to compare with decode-then-multiply)."""
+    """Switch the one-row kernel on or off (e.g. to compare with decode-then-multiply)."""
     fused_matvec.enabled = bool(enabled)
 
 
