@@ -415,3 +415,18 @@ def test_one_row_product_from_split_values(monkeypatch: pytest.MonkeyPatch, qtyp
     quant_linear.set_fused_matvec(False)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_one_row_product_without_a_compiler(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No working C compiler: one warning, then decode-then-multiply gives the product."""
+    out_features, in_features = 40, 256
+    layer = QuantLinear.from_raw(_tame_raw(T.Q8_0, out_features, in_features, 3), T.Q8_0, out_features, in_features)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(quant_linear.matvec, "_library", quant_linear.matvec._Library())
+    monkeypatch.setattr(quant_linear.fused_matvec, "enabled", True)
+    x = torch.randn(1, in_features)
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="quantized matvec kernel unavailable"):
+        y = layer(x)
+    assert not quant_linear.fused_matvec.enabled and not quant_linear.matvec.available()
+    torch.testing.assert_close(y, x @ layer.dequantized_weight().t(), rtol=1e-6, atol=1e-6)

@@ -27,6 +27,7 @@ import torch
 
 _SOURCE = "matvec.c"
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+_FLAGS_NO_OPENMP = ("-O3", "-march=native", "-shared", "-fPIC")  # e.g. Apple's clang: one thread
 
 
 class _Library:
@@ -68,8 +69,12 @@ def _build_and_load():
             with open(src, "wb") as f:
                 f.write(source)
             out = os.path.join(tmp, "lib.so")
-            proc = subprocess.run([compiler, *_FLAGS, src, "-o", out], capture_output=True, text=True, timeout=120)
-            if proc.returncode != 0:
+            for flags in (_FLAGS, _FLAGS_NO_OPENMP):
+                proc = subprocess.run([compiler, *flags, src, "-o", out], capture_output=True, text=True,
+                                      timeout=120)
+                if proc.returncode == 0:
+                    break
+            else:
                 raise RuntimeError(f"{compiler} failed: {proc.stderr.strip()[:300]}")
             os.replace(out, path)  # atomic: concurrent builders never see a half-written library
     lib = ctypes.CDLL(path)
