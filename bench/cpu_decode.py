@@ -85,15 +85,16 @@ def prompt_ids(path: str) -> list[int]:
     return Tokenizer.from_gguf_metadata(gm.metadata, source=path).encode(PROMPT)
 
 
-def _timed(tokens, n: int) -> tuple[list[int], list[float]]:
-    """Draw n tokens from a generator, with the time each arrived."""
-    ids, stamps = [], []
+def _timed(tokens, n: int) -> tuple[list[int], list[float], list[float]]:
+    """Draw n tokens from a generator, with the wall and process CPU time at which each arrived."""
+    ids, stamps, cpu = [], [], []
     for token in tokens:
         ids.append(int(token))
         stamps.append(time.perf_counter())
+        cpu.append(time.process_time())
         if len(ids) >= n:
             break
-    return ids, stamps
+    return ids, stamps, cpu
 
 
 def worker_loraforge(path: str, base_dtype: str, threads: int, n: int) -> dict:
@@ -113,8 +114,9 @@ def worker_loraforge(path: str, base_dtype: str, threads: int, n: int) -> dict:
     list(generate_tokens(loaded.model, ids, WARMUP_TOKENS, Sampler(temp=0.0), ctx_size=ctx))
     warmup_s = time.perf_counter() - t0
     stats = GenerationStats()
-    out, stamps = _timed(generate_tokens(loaded.model, ids, n, Sampler(temp=0.0), ctx_size=ctx, stats=stats), n)
-    return {"ids": out, "stamps": stamps, "prompt_tokens": len(ids), "prompt_s": stats.prompt_seconds,
+    out, stamps, cpu = _timed(generate_tokens(loaded.model, ids, n, Sampler(temp=0.0), ctx_size=ctx, stats=stats),
+                              n)
+    return {"ids": out, "stamps": stamps, "cpu": cpu, "prompt_tokens": len(ids), "prompt_s": stats.prompt_seconds,
             "load_s": load_s, "warmup_s": warmup_s}
 
 
@@ -129,9 +131,9 @@ def worker_llamacpp(path: str, threads: int, n: int) -> dict:
     _timed(llm.generate(ids, temp=0.0, reset=True), WARMUP_TOKENS)
     warmup_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    out, stamps = _timed(llm.generate(ids, temp=0.0, reset=True), n)
-    return {"ids": out, "stamps": stamps, "prompt_tokens": len(ids), "prompt_s": stamps[0] - t0 if stamps else 0.0,
-            "load_s": load_s, "warmup_s": warmup_s}
+    out, stamps, cpu = _timed(llm.generate(ids, temp=0.0, reset=True), n)
+    return {"ids": out, "stamps": stamps, "cpu": cpu, "prompt_tokens": len(ids),
+            "prompt_s": stamps[0] - t0 if stamps else 0.0, "load_s": load_s, "warmup_s": warmup_s}
 
 
 def run_worker(args: argparse.Namespace) -> int:
@@ -179,6 +181,7 @@ def run_one(name: str, path: str, args: argparse.Namespace, log_path: str) -> di
     stamps = result.get("stamps") or []
     if len(stamps) >= 2:
         result["decode_tps"] = (len(stamps) - 1) / (stamps[-1] - stamps[0])
+        result["decode_cpu_ms"] = 1e3 * (result["cpu"][-1] - result["cpu"][0]) / (len(stamps) - 1)
     if result.get("prompt_s"):
         result["prompt_tps"] = result["prompt_tokens"] / result["prompt_s"]
     if "error" in result:
@@ -201,14 +204,16 @@ def table(results: dict[tuple[str, str], dict], args: argparse.Namespace, files:
     lines = [f"### CPU decode: SmolLM2-135M-Instruct, loraforge generate vs llama.cpp, {args.threads} threads", ""]
     lines += [f"- {h}" for h in header([
         f"prompt: {PROMPT!r}; {args.n_predict} greedy tokens after {WARMUP_TOKENS} warm-up tokens; decode "
-        "tokens/s = (n - 1) / time from the first to the last generated token",
+        "tokens/s = (n - 1) / time from the first to the last generated token; CPU ms/token: the process's "
+        "CPU time (all its threads) over the same tokens, steadier than wall time on a shared machine",
         "files: " + ", ".join(f"{q} {os.path.getsize(p) / 2**20:.0f} MiB" for q, p in files.items()),
         _versions()])]
-    lines += ["", "| file | contender | decode tokens/s | x llama.cpp | prompt tokens/s | load s | warm-up s | "
-              "peak RSS MiB | same greedy tokens as llama.cpp |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines += ["", "| file | contender | decode tokens/s | x llama.cpp | CPU ms/token | prompt tokens/s | load s | "
+              "warm-up s | peak RSS MiB | same greedy tokens as llama.cpp |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for (qtype, name), r in results.items():
         if "error" in r:
-            lines.append(f"| {qtype} | {name} | failed: {r['error'][:100]} | | | | | | |")
+            lines.append(f"| {qtype} | {name} | failed: {r['error'][:100]} | | | | | | | |")
             continue
         ref = results.get((qtype, "llamacpp"), {})
         ratio = r.get("decode_tps", float("nan")) / ref["decode_tps"] if ref.get("decode_tps") else float("nan")
@@ -217,7 +222,7 @@ def table(results: dict[tuple[str, str], dict], args: argparse.Namespace, files:
             k = common_prefix(r["ids"], ref["ids"])
             same = "all" if k == len(ref["ids"]) else f"first {k} of {len(ref['ids'])}"
         lines.append(f"| {qtype} | {name} | {r.get('decode_tps', float('nan')):.1f} | {ratio:.2f} | "
-                     f"{r.get('prompt_tps', float('nan')):.0f} | {r['load_s']:.1f} | {r['warmup_s']:.1f} | "
+                     f"{r.get('decode_cpu_ms', float('nan')):.1f} | {r.get('prompt_tps', float('nan')):.0f} | {r['load_s']:.1f} | {r['warmup_s']:.1f} | "
                      f"{r['peak_rss_mib']:.0f} | {same} |")
     return "\n".join(lines)
 
