@@ -172,7 +172,7 @@ def dequantize_blockwise_8bit(codes: torch.Tensor, scale: torch.Tensor,
 class NF4Tensor:
     """The quantized state of one matrix (no autograd); see the module docstring.
 
-    packed (ceil(n/64)*32,) uint8; qabsmax (n_blocks,) uint8; absmax2 (ceil(n_blocks/256),)
+    packed (ceil(n/2),) uint8; qabsmax (n_blocks,) uint8; absmax2 (ceil(n_blocks/256),)
     float32; offset () float32; shape (out, in).
     """
 
