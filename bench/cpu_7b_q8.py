@@ -1,25 +1,39 @@
 """CPU large case: a Llama-2-7B-shaped Q8_0 GGUF with random weights, trained with the base kept
 quantized (`loraforge finetune --base-dtype quantized`) on the seeds' settings (batch 4, ctx 64,
-LoRA r4 on the seven projections, bundled Shakespeare).
+LoRA r4 on the seven projections, bundled Shakespeare), against the seeds' own tool on the same
+file: llama.cpp's removed `finetune`, built from llama-cpp-python 0.2.80's vendored llama.cpp by
+bench/build_llamacpp_finetune.py (into ~/.cache/loraforge-bench on first use; a few minutes).
 
-The file (32 layers, n_embd 4096, n_ff 11008, 32 heads, vocab 32000: about 7.2 GB) is written
-tensor by tensor with the `gguf` package into --cache-dir and deleted at the end unless --keep.
-Its tokenizer is a llama SentencePiece vocabulary of 32000 pieces: <unk> <s> </s>, the 256 byte
-tokens, the characters of the training text, then dummy pieces.
+The file (n_embd 4096, n_ff 11008, 32 heads = 32 key/value heads, vocab 32000) is written tensor
+by tensor with the `gguf` package into --cache-dir and deleted at the end unless --keep. Its
+tokenizer is a llama SentencePiece vocabulary of 32000 pieces: <unk> <s> </s>, the 256 byte
+tokens, the characters of the training text, then dummy pieces; its keys are the 17 the seeds'
+Llama-2-7b.Q8_0.gguf has, which the 2024 finetune reads. llama.cpp's finetune trains only
+models whose key/value heads equal their query heads (it asserts on GQA), hence the Llama-2 shape.
+A few layers give the per-layer comparison (default 4, ~1 GB file); --layers 32 is the whole 7B
+shape (~7.2 GB; llama.cpp's finetune takes many minutes per iteration there).
 
-Reference: the seeds' llama.cpp `finetune` run of Llama-2-7b.Q8_0.gguf on the same settings
-(6 threads, --no-checkpointing) logged 5-9 minutes per 256-token iteration: ~0.6 tokens/s.
+Contenders (each in its own subprocess; same file, data, batch, ctx, threads, LoRA rank 4 alpha 4):
+  loraforge          `loraforge finetune --base-dtype quantized`, step times from its metrics JSONL
+  llamacpp-finetune  llama-finetune with the seeds' flags (its defaults also train rank-4 adapters on
+                     the token embeddings and the output and rank-1 on the norms); iteration times
+                     from the arrival of its `train_opt_callback: iter=` lines (read through a pty)
 
-  python bench/cpu_7b_q8.py                        # full 7B shape, 2 iterations (1 warm-up)
-  python bench/cpu_7b_q8.py --quick                # 2 layers, smoke run
-  python bench/cpu_7b_q8.py --adam-iter 4 --keep --checkpointing
+Reference: the seeds' llama.cpp `finetune` run of the real Llama-2-7b.Q8_0.gguf (6 threads,
+--no-checkpointing) logged 5-9 minutes per 256-token iteration: ~0.6 tokens/s.
+
+  python bench/cpu_7b_q8.py                           # 4 layers, both contenders, 3 iterations (1 warm-up)
+  python bench/cpu_7b_q8.py --quick                   # 2 layers, 2 iterations: smoke run
+  python bench/cpu_7b_q8.py --layers 32 --only loraforge --adam-iter 2   # the whole 7B shape
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,13 +41,16 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from build_llamacpp_finetune import VERSION as LLAMACPP_VERSION  # noqa: E402
+from build_llamacpp_finetune import default_cache_dir, ensure_finetune  # noqa: E402
 from common import (Result, emit_result, ensure_loraforge_importable, header, lora_flops_per_token,  # noqa: E402
                     markdown_table, mean_causal_keys, measure_cpu_sgemm_flops, memory_description, mfu,
-                    peak_rss_mib, run_contender, write_json)
+                    peak_rss_mib, run_contender, step_stats, write_json)
 
 LLAMA2_7B = dict(n_layers=32, n_embd=4096, n_ff=11008, n_head=32, n_head_kv=32, n_vocab=32000, n_ctx=4096)
 Q8_0_BLOCK, Q8_0_BYTES = 32, 34  # weights per block, bytes per block (f16 scale + 32 int8)
 WEIGHT_STD = 0.02
+CONTENDERS = ("loraforge", "llamacpp-finetune")
 LLAMACPP_REFERENCE = ("llama.cpp finetune (seeds' log, real Llama-2-7b.Q8_0, 6 threads, --no-checkpointing): "
                       "~0.6 tokens/s")
 
@@ -150,56 +167,131 @@ def write_random_q8_0_gguf(path: str, n_layers: int, text: str, seed: int = 0, s
 
 def run_worker(args: argparse.Namespace) -> int:
     ensure_loraforge_importable()
-    from cpu_smollm2 import loraforge_finetune_argv, run_loraforge_finetune
-
     work = tempfile.mkdtemp(prefix="lf-bench-7b-", dir=args.work)
-    argv = loraforge_finetune_argv(args.gguf, args.train_data, "quantized", args.checkpointing, args.adam_iter,
-                                   args.threads, work, args.batch, args.ctx)
     try:
-        result = run_loraforge_finetune(argv, work, args.warmup)
+        if args.worker == "llamacpp-finetune":
+            result = run_llamacpp_finetune(args, work)
+        else:
+            result = run_loraforge(args, work)
     except Exception as e:
         import traceback
 
         traceback.print_exc()
         result = Result(name="", error=f"{type(e).__name__}: {e}", peak_rss_mib=peak_rss_mib())
-    result.name = "loraforge"
-    result.notes = (f"`loraforge finetune --base-dtype quantized --batch {args.batch} --ctx {args.ctx} "
-                    f"--{'use' if args.checkpointing else 'no'}-checkpointing --adam-iter {args.adam_iter}`; "
-                    f"step times {', '.join(f'{t:.1f}' for t in result.step_times)} s")
+    result.name = args.worker
     shutil.rmtree(work, ignore_errors=True)
     emit_result(result)
     return 0 if not result.error else 1
 
 
+def run_loraforge(args: argparse.Namespace, work: str) -> Result:
+    from cpu_smollm2 import loraforge_finetune_argv, run_loraforge_finetune
+
+    argv = loraforge_finetune_argv(args.gguf, args.train_data, "quantized", args.checkpointing, args.adam_iter,
+                                   args.threads, work, args.batch, args.ctx)
+    result = run_loraforge_finetune(argv, work, args.warmup)
+    result.notes = (f"`loraforge finetune --base-dtype quantized --batch {args.batch} --ctx {args.ctx} "
+                    f"--{'use' if args.checkpointing else 'no'}-checkpointing --adam-iter {args.adam_iter}`; "
+                    f"step times {', '.join(f'{t:.1f}' for t in result.step_times)} s")
+    return result
+
+
+ITER_LINE = re.compile(rb"train_opt_callback: iter=\s*(\d+)")
+
+
+def llamacpp_finetune_argv(binary: str, args: argparse.Namespace, work: str) -> list[str]:
+    """The seeds' command line, on this file and these settings."""
+    return [binary, "--model-base", args.gguf, "--train-data", args.train_data,
+            "--checkpoint-in", os.path.join(work, "chk-LATEST.gguf"),
+            "--checkpoint-out", os.path.join(work, "chk-ITERATION.gguf"),
+            "--lora-out", os.path.join(work, "lora-ITERATION.bin"), "--save-every", "0",
+            "--threads", str(args.threads), "--adam-iter", str(args.adam_iter), "--batch", str(args.batch),
+            "--ctx", str(args.ctx), "--lora-r", "4", "--lora-alpha", "4", "--seed", "1",
+            "--use-checkpointing" if args.checkpointing else "--no-checkpointing", "--no-flash"]
+
+
+def run_llamacpp_finetune(args: argparse.Namespace, work: str) -> Result:
+    """Run llama-finetune under a pty (so it writes line by line) and time its iteration lines."""
+    import pty
+
+    argv = llamacpp_finetune_argv(args.finetune_binary, args, work)
+    print("[llamacpp] " + " ".join(argv), flush=True)
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, close_fds=True, cwd=work)
+    os.close(slave)
+    stamps: dict[int, float] = {}
+    pending = b""
+    while True:
+        try:
+            chunk = os.read(master, 1 << 16)
+        except OSError:  # EIO: the child closed its side
+            break
+        if not chunk:
+            break
+        now = time.perf_counter()
+        sys.stdout.buffer.write(chunk)
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            m = ITER_LINE.search(line)
+            if m:
+                stamps.setdefault(int(m.group(1)), now)
+    os.close(master)
+    _, status, usage = os.wait4(proc.pid, 0)
+    sys.stdout.flush()
+    code = os.waitstatus_to_exitcode(status)
+    iters = sorted(stamps)
+    times = [stamps[i] - stamps[i - 1] for i in iters if i - 1 in stamps]
+    rss = usage.ru_maxrss / 1024
+    if code != 0 or not times:
+        return Result(name="", error=f"llama-finetune exit code {code}, {len(times)} timed iterations",
+                      peak_rss_mib=rss)
+    stats = step_stats(times, args.warmup, args.batch * args.ctx)
+    notes = (f"llama.cpp finetune (built from llama-cpp-python {LLAMACPP_VERSION}'s llama.cpp), seeds' flags `--batch {args.batch} --ctx {args.ctx} --lora-r 4 --lora-alpha 4 "
+             f"--{'use' if args.checkpointing else 'no'}-checkpointing --no-flash --adam-iter {args.adam_iter}`; "
+             f"iteration times {', '.join(f'{t:.1f}' for t in times)} s")
+    return Result(name="", tokens_per_s=stats.tokens_per_s, median_step_s=stats.median_s, steps=len(stats.times),
+                  step_times=times, tokens_per_step=args.batch * args.ctx, peak_rss_mib=rss, notes=notes)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--layers", type=int, default=LLAMA2_7B["n_layers"], help="decoder layers (32 = the 7B shape)")
-    p.add_argument("--adam-iter", type=int, default=2, help="iterations to run (the first `--warmup` untimed)")
+    p.add_argument("--layers", type=int, default=4, help="decoder layers of the 7B shape (32 = all of it)")
+    p.add_argument("--adam-iter", type=int, default=3, help="iterations to run (the first `--warmup` untimed)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--ctx", type=int, default=64)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--checkpointing", action="store_true",
                    help="activation checkpointing (default off, as the seeds' llama.cpp run)")
+    p.add_argument("--only", default=None, help=f"comma-separated subset of: {', '.join(CONTENDERS)}")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 layers, 2 iterations")
     p.add_argument("--cache-dir", default=None, help="where the GGUF is written (default: a temp folder)")
+    p.add_argument("--llamacpp-cache", default=None,
+                   help="where llama.cpp's finetune is built (default ~/.cache/loraforge-bench)")
     p.add_argument("--keep", action="store_true", help="keep the GGUF (reused by the next run with --cache-dir)")
     p.add_argument("--train-data", default=None, help="text file (default: bundled Shakespeare)")
     p.add_argument("--timeout", type=float, default=4 * 3600)
     p.add_argument("--json-out", default=None)
     p.add_argument("--markdown-out", default=None, help="append the markdown table to this file")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--worker", default=None, choices=CONTENDERS, help=argparse.SUPPRESS)
     p.add_argument("--gguf", default=None, help=argparse.SUPPRESS)
     p.add_argument("--work", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--finetune-binary", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
         args.layers, args.adam_iter, args.warmup = 2, 2, 1
     if args.worker:
         return run_worker(args)
+    names = [n.strip() for n in (args.only or ",".join(CONTENDERS)).split(",") if n.strip()]
+    unknown = [n for n in names if n not in CONTENDERS]
+    if unknown:
+        p.error(f"unknown contender(s) {', '.join(unknown)}; known: {', '.join(CONTENDERS)}")
     ensure_loraforge_importable()
     from cpu_smollm2 import bundled_text
 
     args.train_data = args.train_data or bundled_text()
+    binary = ensure_finetune(args.llamacpp_cache or default_cache_dir()) if "llamacpp-finetune" in names else ""
     cache = args.cache_dir or tempfile.mkdtemp(prefix="loraforge-bench-7b-")
     os.makedirs(cache, exist_ok=True)
     path = os.path.join(cache, f"random-llama2-7b-shape-{args.layers}L-Q8_0.gguf")
@@ -218,34 +310,40 @@ def main(argv: list[str] | None = None) -> int:
         from loraforge.formats.gguf import read_model
 
         cfg = read_model(path).config
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--gguf", path, "--work", cache,
-               "--adam-iter", str(args.adam_iter), "--warmup", str(args.warmup), "--batch", str(args.batch),
-               "--ctx", str(args.ctx), "--threads", str(args.threads), "--train-data", args.train_data]
-        if args.checkpointing:
-            cmd.append("--checkpointing")
-        r = run_contender("loraforge", cmd, os.path.join(cache, "loraforge-7b.log"), args.timeout)
-        if not r.error:
-            r.flops_per_token = lora_flops_per_token(cfg, mean_causal_keys([args.ctx]), args.checkpointing)
-            r.mfu = mfu(r.tokens_per_s, r.flops_per_token, peak)
-        fits = "yes" if r.peak_rss_mib == r.peak_rss_mib and r.peak_rss_mib < 24 * 1024 else "NO"
-        lines = header([f"model: random Llama-2-7B shape, {args.layers} layers, Q8_0 "
+        results = []
+        for name in names:
+            cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--gguf", path, "--work", cache,
+                   "--adam-iter", str(args.adam_iter), "--warmup", str(args.warmup), "--batch", str(args.batch),
+                   "--ctx", str(args.ctx), "--threads", str(args.threads), "--train-data", args.train_data,
+                   "--finetune-binary", binary]
+            if args.checkpointing:
+                cmd.append("--checkpointing")
+            r = run_contender(name, cmd, os.path.join(cache, f"{name}-7b.log"), args.timeout)
+            if not r.error:
+                r.flops_per_token = lora_flops_per_token(cfg, mean_causal_keys([args.ctx]), args.checkpointing)
+                r.mfu = mfu(r.tokens_per_s, r.flops_per_token, peak)
+            results.append(r)
+        worst = max((r.peak_rss_mib for r in results if r.peak_rss_mib == r.peak_rss_mib), default=float("nan"))
+        fits = "yes" if worst < 24 * 1024 else "NO"
+        lines = header([f"model: random Llama-2-7B shape, {args.layers} of its 32 layers, Q8_0 "
                         f"({os.path.getsize(path) / 2**30:.2f} GiB file), N = {cfg.n_matmul_params() / 1e9:.2f}B "
-                        "matmul params, base kept quantized",
-                        f"settings: batch {args.batch} x ctx {args.ctx}, LoRA r4 alpha 4 on the 7 projections, "
-                        f"AdamW lr 1e-3, {args.threads} threads, {args.warmup} warm-up + "
-                        f"{max(args.adam_iter - args.warmup, 1)} timed iterations",
-                        f"MFU against a measured fp32 sgemm peak of {peak / 1e9:.0f} GFLOP/s",
+                        "matmul params, base kept quantized, the same file for every contender",
+                        f"settings: batch {args.batch} x ctx {args.ctx}, LoRA r4 alpha 4, AdamW lr 1e-3, "
+                        f"{args.threads} threads, {args.warmup} warm-up + {max(args.adam_iter - args.warmup, 1)} "
+                        "timed iterations, median",
+                        f"MFU against a measured fp32 sgemm peak of {peak / 1e9:.0f} GFLOP/s; FLOPs/token 4N "
+                        "(+2N with checkpointing) + causal attention for every contender",
                         f"peak RSS within 24 GB: {fits} ({memory_description()} here)",
                         LLAMACPP_REFERENCE])
-        table = markdown_table([r], f"CPU large: Llama-2-7B shape ({args.layers} layers) Q8_0, base quantized",
-                               lines)
+        table = markdown_table(results, f"CPU large: Llama-2-7B shape ({args.layers} layers) Q8_0, base quantized",
+                               lines, peer_names=("llamacpp-finetune",))
         print("\n" + table + "\n")
         if args.markdown_out:
             with open(args.markdown_out, "a", encoding="utf-8") as f:
                 f.write(table + "\n\n")
         if args.json_out:
-            write_json(args.json_out, [r], {"peak_flops": peak, "header": lines})
-        return 0 if not r.error else 1
+            write_json(args.json_out, results, {"peak_flops": peak, "header": lines})
+        return 0 if all(not r.error for r in results) else 1
     finally:
         if not args.keep:
             if os.path.exists(path):

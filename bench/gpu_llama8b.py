@@ -8,7 +8,13 @@ Contenders, each in its own subprocess (so the CUDA allocator's peak is its own)
   lf-2048x2        loraforge `CausalLM.loss` (chunked LM head + cross-entropy) at seq 2048 batch 2
   lf-4096-packed   seq 4096, one row packing several documents (doc_ids: attention kept per document)
   lf-4096          seq 4096, one causal document (for comparison with the packed row)
-  qlora-2048x2, qlora-4096-packed   the same with the decoder linears in NF4 (`quant.nf4.quantize_model`)
+  qlora-2048x2, qlora-4096-packed   the same with the decoder linears in NF4 (`quant.nf4.quantize_model`,
+                   backend "bnb": bitsandbytes' quantize_4bit and matmul_4bit kernels)
+  qlora-torch-2048x2   NF4 through loraforge's torch path (backend "torch") instead of bitsandbytes
+  lf-2048x2-adamw8bit  LoRA with bitsandbytes' 8-bit AdamW (`make_optimizer(name="adamw_8bit")`)
+  qlora-2048x2-paged8bit  QLoRA (bitsandbytes) + paged 8-bit AdamW, as the seeds' HF QLoRA recipe
+  peer-qlora-2048x2    transformers + peft over bitsandbytes Linear4bit layers (nf4, double quant, bf16
+                   compute, what BitsAndBytesConfig(load_in_4bit=True) builds) + paged_adamw_8bit
 
 Targets (issue): lf-2048x2 >= 2.2x the peer with no more memory; >= 13,000 tokens/s at seq 4096;
 QLoRA >= 0.85x LoRA speed at <= 10 GiB.
@@ -44,14 +50,18 @@ LLAMA31_8B = dict(arch="llama", vocab_size=128256, hidden_size=4096, intermediat
 TINY = dict(LLAMA31_8B, vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
 
-# name -> (framework, quantized base, seq, batch, packed)
+# name -> (framework, NF4 backend of the base or None for bf16, seq, batch, packed, optimizer)
 CONTENDERS = {
-    "peer-2048x2": ("peer", False, 2048, 2, False),
-    "lf-2048x2": ("loraforge", False, 2048, 2, False),
-    "lf-4096-packed": ("loraforge", False, 4096, 1, True),
-    "lf-4096": ("loraforge", False, 4096, 1, False),
-    "qlora-2048x2": ("loraforge", True, 2048, 2, False),
-    "qlora-4096-packed": ("loraforge", True, 4096, 1, True),
+    "peer-2048x2": ("peer", None, 2048, 2, False, "adamw_torch"),
+    "lf-2048x2": ("loraforge", None, 2048, 2, False, "adamw_torch"),
+    "lf-4096-packed": ("loraforge", None, 4096, 1, True, "adamw_torch"),
+    "lf-4096": ("loraforge", None, 4096, 1, False, "adamw_torch"),
+    "qlora-2048x2": ("loraforge", "bnb", 2048, 2, False, "adamw_torch"),
+    "qlora-4096-packed": ("loraforge", "bnb", 4096, 1, True, "adamw_torch"),
+    "qlora-torch-2048x2": ("loraforge", "torch", 2048, 2, False, "adamw_torch"),
+    "lf-2048x2-adamw8bit": ("loraforge", None, 2048, 2, False, "adamw_8bit"),
+    "qlora-2048x2-paged8bit": ("loraforge", "bnb", 2048, 2, False, "paged_adamw_8bit"),
+    "peer-qlora-2048x2": ("peer", "bnb", 2048, 2, False, "paged_adamw_8bit"),
 }
 PEERS = ("peer-2048x2",)
 ISSUE_PEER = "issue's peer figure (H100): HF + peft ~5,750 tokens/s, 22.4 GiB at seq 2048 batch 2 with checkpointing"
@@ -121,7 +131,7 @@ def materialize(model, device, dtype) -> None:
             module._parameters[name] = nn.Parameter(value, requires_grad=False)
 
 
-def build_loraforge(cfg, device, quantized: bool):
+def build_loraforge(cfg, device, nf4_backend: str | None):
     import torch
 
     from loraforge.lora import LoraConfig, inject
@@ -130,17 +140,43 @@ def build_loraforge(cfg, device, quantized: bool):
     model = build_on_meta(cfg)
     materialize(model, device, torch.bfloat16)
     model.inv_freq = model.inv_freq.to(device)
-    if quantized:
+    if nf4_backend:
         from loraforge.quant.nf4 import quantize_model
 
-        quantize_model(model, "nf4")
+        quantize_model(model, "nf4", backend=nf4_backend)
     torch.manual_seed(SEED)
     inject(model, LoraConfig(r=RANK, alpha=ALPHA, target_modules=TARGETS))
     model.gradient_checkpointing = True
     return model
 
 
-def build_peer(cfg, device):
+def to_bnb_4bit(model, device) -> int:
+    """Replace the decoder's nn.Linear layers by bitsandbytes Linear4bit (nf4, double-quantized
+    scales, bf16 compute): the layers `from_pretrained(..., quantization_config=BitsAndBytesConfig(
+    load_in_4bit=True, bnb_4bit_use_double_quant=True, bnb_4bit_quant_type="nf4",
+    bnb_4bit_compute_dtype=torch.bfloat16))` builds, made here from in-memory random weights."""
+    import bitsandbytes as bnb
+    import torch
+    from torch import nn
+
+    count = 0
+    for parent in list(model.model.layers.modules()):
+        for child_name, child in list(parent.named_children()):
+            if not isinstance(child, nn.Linear):
+                continue
+            layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4",
+                                      device="meta")
+            layer.weight = bnb.nn.Params4bit(child.weight.data.to("cpu"), requires_grad=False, quant_type="nf4",
+                                             compress_statistics=True).to(device)  # quantized on the move
+            if child.bias is not None:
+                layer.bias = nn.Parameter(child.bias.data, requires_grad=False)
+            setattr(parent, child_name, layer)
+            count += 1
+    return count
+
+
+def build_peer(cfg, device, nf4_backend: str | None = None):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -154,6 +190,8 @@ def build_peer(cfg, device):
             model = AutoModelForCausalLM.from_config(hf_cfg, **hf_dtype_kwarg(torch.bfloat16))
     finally:
         torch.set_default_dtype(old)
+    if nf4_backend:
+        to_bnb_4bit(model, device)
     model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, bias="none",
                                              task_type="CAUSAL_LM", target_modules=list(TARGETS)))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -165,24 +203,29 @@ def build_peer(cfg, device):
 def run_worker(args: argparse.Namespace) -> Result:
     import torch
 
-    framework, quantized, seq, batch, packed = CONTENDERS[args.worker]
+    framework, nf4_backend, seq, batch, packed, optim_name = CONTENDERS[args.worker]
     seq, batch = scaled_shape(seq, batch, args.smoke_cpu)
     device = torch.device("cpu" if args.smoke_cpu else "cuda")
     cuda = device.type == "cuda"
     cfg = model_config(args.smoke_cpu)
     t0 = time.perf_counter()
     if framework == "peer":
-        model = build_peer(cfg, device)
+        model = build_peer(cfg, device, nf4_backend)
     else:
-        model = build_loraforge(cfg, device, quantized)
+        model = build_loraforge(cfg, device, nf4_backend)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    if framework == "peer":
+    if framework == "peer" and optim_name == "adamw_torch":
         opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, fused=cuda or None, foreach=None if cuda else True)
+    elif framework == "peer":  # transformers' optim="paged_adamw_8bit" / "adamw_8bit": bitsandbytes' classes
+        import bitsandbytes as bnb
+
+        cls = bnb.optim.PagedAdamW8bit if optim_name.startswith("paged") and cuda else bnb.optim.AdamW8bit
+        opt = cls(params, lr=LR, weight_decay=0.0)
     else:
         from loraforge.train.optim import make_optimizer
 
-        opt = make_optimizer(params, LR, 0.0, 0.9, 0.999)
+        opt = make_optimizer(params, LR, 0.0, 0.9, 0.999, name=optim_name)
     if cuda:
         import gc
 
@@ -213,10 +256,12 @@ def run_worker(args: argparse.Namespace) -> Result:
     stats = step_stats(timer.times, args.warmup, tokens_per_step)
     reserved, allocated = cuda_peak_gib() if cuda else (float("nan"), float("nan"))
     doc_text = f", documents {packed_doc_lengths(seq)}" if packed else ""
-    what = ("transformers + peft, SDPA, gradient checkpointing (use_reentrant=False), fused AdamW"
+    base = f" (NF4 base, {nf4_backend} backend)" if nf4_backend and framework == "loraforge" else ""
+    what = (f"transformers + peft{' over bitsandbytes Linear4bit' if nf4_backend else ''}, SDPA, gradient "
+            f"checkpointing (use_reentrant=False), {optim_name}"
             if framework == "peer" else
-            f"loraforge CausalLM.loss{' (NF4 base)' if quantized else ''}, checkpointing, "
-            f"chunk_tokens {args.chunk_tokens or 'default'}")
+            f"loraforge CausalLM.loss{base}, checkpointing, chunk_tokens {args.chunk_tokens or 'default'}, "
+            f"{optim_name}")
     return Result(name=args.worker, tokens_per_s=stats.tokens_per_s, median_step_s=stats.median_s,
                   steps=len(stats.times), step_times=timer.times, tokens_per_step=tokens_per_step,
                   peak_rss_mib=peak_rss_mib(), gpu_reserved_gib=reserved, gpu_allocated_gib=allocated,
@@ -282,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     work = tempfile.mkdtemp(prefix="loraforge-bench-gpu-")
     results = []
     for name in names:
-        _, _, seq, batch, packed = CONTENDERS[name]
+        _, _, seq, batch, packed, _ = CONTENDERS[name]
         seq, batch = scaled_shape(seq, batch, args.smoke_cpu)
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--chunk-tokens", str(args.chunk_tokens)]

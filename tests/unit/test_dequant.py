@@ -367,3 +367,66 @@ def test_tied_head_shares_the_embedding_storage() -> None:
     assert head.q.data_ptr() == embedding.q.data_ptr() and head.scale.data_ptr() == embedding.scale.data_ptr()
     x = torch.randn(3, dim)
     torch.testing.assert_close(head(x), x @ embedding.weight.t(), rtol=1e-6, atol=1e-6)
+
+
+def _tame_raw(qtype: T, n_rows: int, n_cols: int, seed: int) -> torch.Tensor:
+    """Random blocks of any format with small positive f16 fields, so that weights are O(1)."""
+    raw = random_raw(qtype, n_rows, n_cols, seed=seed).reshape(n_rows * n_cols // GGML_QUANT_SIZES[qtype][0], -1)
+    rng = np.random.default_rng(seed + 1)
+    for offset in F16_FIELD_OFFSETS[qtype]:
+        raw[:, offset:offset + 2] = rng.uniform(0.001, 0.01, len(raw)).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    return torch.from_numpy(raw.reshape(n_rows, -1))
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("qtype", [t for t in ALL_TYPES if GGML_QUANT_SIZES[t][0] > 1], ids=lambda t: t.name)
+def test_one_row_product_from_split_values(monkeypatch: pytest.MonkeyPatch, qtype: T, with_bias: bool) -> None:
+    """One token through a quantized layer (the generation case) is computed from the int8 values and
+    group factors by the C kernel (quant/matvec.c), and equals x @ W^T of the decoded weight up to
+    float32 summation order; with a gradient wanted, the decoding path runs and gives the input
+    gradient."""
+    out_features, in_features = 96, 512
+    torch.manual_seed(int(qtype))
+    bias = torch.randn(out_features) if with_bias else None
+    layer = QuantLinear.from_raw(_tame_raw(qtype, out_features, in_features, int(qtype)), qtype, out_features,
+                                 in_features, bias)
+    calls = []
+    real = quant_linear.matvec.split_matvec
+    monkeypatch.setattr(quant_linear.matvec, "split_matvec", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(quant_linear.fused_matvec, "enabled", True)
+    weight = layer.dequantized_weight()
+    x = torch.randn(1, 1, in_features)
+    with torch.no_grad():
+        y = layer(x)
+    assert quant_linear.matvec.available(), quant_linear.matvec.unavailable_reason()
+    assert calls and quant_linear.fused_matvec.enabled  # the kernel ran (and did not fall back)
+    ref = F.linear(x, weight, bias)
+    bound = 2e-6 * (x.abs() @ weight.abs().t() + (0 if bias is None else bias.abs())) + 1e-7
+    assert y.shape == (1, 1, out_features) and ((y - ref).abs() <= bound).all()
+    # with autograd: the decoding path, and the same product
+    calls.clear()
+    xg = x.clone().requires_grad_()
+    y_grad = layer(xg)
+    assert not calls
+    torch.testing.assert_close(y_grad, ref, rtol=1e-6, atol=1e-6)
+    y_grad.sum().backward()
+    torch.testing.assert_close(xg.grad, weight.sum(0).expand_as(xg), rtol=1e-5, atol=1e-5)
+    # switched off: decode-then-multiply
+    quant_linear.set_fused_matvec(False)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_one_row_product_without_a_compiler(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No working C compiler: one warning, then decode-then-multiply gives the product."""
+    out_features, in_features = 40, 256
+    layer = QuantLinear.from_raw(_tame_raw(T.Q8_0, out_features, in_features, 3), T.Q8_0, out_features, in_features)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(quant_linear.matvec, "_library", quant_linear.matvec._Library())
+    monkeypatch.setattr(quant_linear.fused_matvec, "enabled", True)
+    x = torch.randn(1, in_features)
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="quantized matvec kernel unavailable"):
+        y = layer(x)
+    assert not quant_linear.fused_matvec.enabled and not quant_linear.matvec.available()
+    torch.testing.assert_close(y, x @ layer.dequantized_weight().t(), rtol=1e-6, atol=1e-6)

@@ -10,10 +10,18 @@ The weight is decoded on the fly for each use and never kept: the autograd Funct
 decodes in forward, saves nothing but a reference to the module, decodes again in backward
 and returns only the input gradient. Decoding goes into a reused scratch buffer, a slice of
 rows at a time for large matrices (an LM head), so a step allocates no full-size weights.
+
+A single input row (decoding one token) skips the decoding into float: a C kernel
+(`quant/matvec.c`, built at first use with the system compiler) reads the int8 values and the
+group factors once and sums scale_g * (q_g . x_g) (+ offset_g * sum(x_g)) per row, never
+writing a float weight: 2-4x less time per token than decode-then-multiply, and less than the
+float32 model's own matmuls (figures in `quant/matvec.py`). Without a compiler it decodes.
 """
 
 from __future__ import annotations
 
+import os
+import warnings
 from typing import Callable, Iterator
 
 import torch
@@ -21,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LoraforgeError
+from . import matvec
 from .ggml import check_supported, dequantize, is_block_quantized, split_groups, type_name
 
 # Weights decoded at once: larger matrices go by slices of rows (16 MiB of float32).
@@ -35,6 +44,43 @@ def _scratch(n_elements: int, device: torch.device) -> torch.Tensor:
     if buf is None or buf.numel() < n_elements:
         buf = _scratch_buffers[device] = torch.empty(n_elements, dtype=torch.float32, device=device)
     return buf[:n_elements]
+
+
+# -- one input row straight from the split form ----------------------------------------------------
+
+class _FusedMatvec:
+    """One token through a quantized layer without decoding it (`matvec.split_matvec`, a C kernel
+    built at first use). Off with LORAFORGE_FUSED_MATVEC=0; where the kernel cannot be built the
+    layers decode as for training, with one warning."""
+
+    def __init__(self) -> None:
+        self.enabled = os.environ.get("LORAFORGE_FUSED_MATVEC", "1") != "0"
+
+    def __call__(self, x: torch.Tensor, layer: "QuantLinear") -> torch.Tensor | None:
+        """layer(x) for one row x (..., n_cols) float32 on the CPU, or None where this does not
+        apply (switched off, another device or dtype, autocast on, a float table)."""
+        if (not self.enabled or layer.scale is None or x.dtype != torch.float32 or x.device.type != "cpu"
+                or torch.is_autocast_enabled("cpu")):
+            return None
+        if not matvec.available():
+            self.enabled = False
+            warnings.warn(f"quantized matvec kernel unavailable ({matvec.unavailable_reason()}); decoding "
+                          "weights per token instead", RuntimeWarning, stacklevel=3)
+            return None
+        y = matvec.split_matvec(x.reshape(-1), layer.q, layer.scale, layer.offset)
+        if y is None:
+            return None
+        if layer.bias is not None:
+            y = y + layer.bias
+        return y.view(*x.shape[:-1], layer.n_rows)
+
+
+fused_matvec = _FusedMatvec()
+
+
+def set_fused_matvec(enabled: bool) -> None:
+    """Switch the one-row kernel on or off (e.g. to compare with decode-then-multiply)."""
+    fused_matvec.enabled = bool(enabled)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -201,6 +247,10 @@ class QuantLinear(_QuantTable):
         return cls(None, embedding.qtype, embedding.n_rows, embedding.n_cols, shared=embedding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == self.n_cols and not (x.requires_grad and torch.is_grad_enabled()):
+            y = fused_matvec(x, self)  # one token, no gradient: straight from the int8 values
+            if y is not None:
+                return y
         return _QuantLinearFunction.apply(x, self, self.bias)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:

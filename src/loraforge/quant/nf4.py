@@ -11,11 +11,22 @@ Storage per weight: 4 bits + 8/64 bits + 32/(64*256) bits = 4.127 bits (about a 
 
 Dequantization: absmax = dynamic_map[qabsmax] * absmax2 + offset; w = NF4[code] * absmax,
 computed in fp32 and cast to the compute dtype (bf16 on CUDA, fp32 on CPU).
+
+The layout is bitsandbytes' own (`quantize_4bit(blocksize=64, quant_type="nf4",
+compress_statistics=True)`): `packed` is its (ceil(n/2), 1) weight flattened, `qabsmax`,
+`absmax2` and `offset` are its `QuantState.absmax`, `.state2.absmax` and `.offset`, and
+values are scaled by the reciprocal of the block's absmax before rounding, as its CUDA kernel
+does. So either side decodes the other's state bit for bit (`NF4Tensor.to_bnb_state`,
+`NF4Tensor.from_bnb`). Backends (`NF4_BACKENDS`): "bnb" quantizes and multiplies with
+bitsandbytes (`quantize_4bit`, `matmul_4bit`: its CUDA kernels), "torch" with the torch code
+below (any device), "auto" picks bnb on CUDA when it is installed, torch otherwise.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import functools
+import importlib.util
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +37,7 @@ from ..errors import LoraforgeError
 NF4_BLOCK_SIZE = 64
 ABSMAX_BLOCK_SIZE = 256
 QUANTIZE_TYPES = ("nf4",)
+NF4_BACKENDS = ("auto", "bnb", "torch")
 
 # The 16 NF4 values of the QLoRA paper (Appendix E), as bitsandbytes stores them (float32).
 NF4_CODE = (
@@ -48,6 +60,43 @@ def _cached(name: str, device: torch.device | str | None, make: Callable[[], tor
         with torch.inference_mode(False), torch.device("cpu"):
             table = _TABLES[key] = make().to(key[1])
     return table
+
+
+# -- bitsandbytes ------------------------------------------------------------------------------------
+
+@functools.cache
+def bitsandbytes_available() -> bool:
+    """True when bitsandbytes is installed and imports (`pip install loraforge[bnb]`)."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return False
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception:  # a build without this platform's native library fails at import
+        return False
+    return True
+
+
+def _bitsandbytes():
+    if not bitsandbytes_available():
+        raise LoraforgeError("the NF4 backend 'bnb' needs bitsandbytes: pip install 'loraforge[bnb]'")
+    import bitsandbytes
+    import bitsandbytes.functional  # noqa: F401
+
+    return bitsandbytes
+
+
+def check_backend(backend: str) -> str:
+    if backend not in NF4_BACKENDS:
+        raise LoraforgeError(f"NF4 backend must be one of {', '.join(NF4_BACKENDS)}, got {backend!r}")
+    return backend
+
+
+def use_bitsandbytes(backend: str, device: torch.device | str) -> bool:
+    """Whether `backend` means bitsandbytes on `device` ("auto": on CUDA, when installed)."""
+    if check_backend(backend) == "bnb":
+        _bitsandbytes()  # a clear error when it is missing
+        return True
+    return backend == "auto" and torch.device(device).type == "cuda" and bitsandbytes_available()
 
 
 def nf4_code(device: torch.device | str | None = None) -> torch.Tensor:
@@ -92,6 +141,12 @@ def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     return flat.view(-1, block)
 
 
+def _reciprocal(absmax: torch.Tensor) -> torch.Tensor:
+    """1 / absmax in float32 (bitsandbytes multiplies by it rather than dividing); 1 for an
+    all-zero block, whose values all round to the code of 0."""
+    return torch.where(absmax > 0, 1.0 / absmax, torch.ones_like(absmax))
+
+
 def quantize_blockwise_8bit(x: torch.Tensor, block: int = ABSMAX_BLOCK_SIZE
                             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic 8-bit blockwise quantization of a 1-D float32 tensor (n,).
@@ -101,8 +156,7 @@ def quantize_blockwise_8bit(x: torch.Tensor, block: int = ABSMAX_BLOCK_SIZE
     n = x.numel()
     blocks = _blocks(x.float(), block)
     scale = blocks.abs().amax(dim=1)
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    codes = _nearest_code(blocks / safe[:, None], dynamic_map(x.device))
+    codes = _nearest_code(blocks * _reciprocal(scale)[:, None], dynamic_map(x.device))
     return codes.reshape(-1)[:n], scale
 
 
@@ -118,7 +172,7 @@ def dequantize_blockwise_8bit(codes: torch.Tensor, scale: torch.Tensor,
 class NF4Tensor:
     """The quantized state of one matrix (no autograd); see the module docstring.
 
-    packed (ceil(n/64)*32,) uint8; qabsmax (n_blocks,) uint8; absmax2 (ceil(n_blocks/256),)
+    packed (ceil(n/2),) uint8; qabsmax (n_blocks,) uint8; absmax2 (ceil(n_blocks/256),)
     float32; offset () float32; shape (out, in).
     """
 
@@ -128,17 +182,48 @@ class NF4Tensor:
         self.shape = tuple(int(s) for s in shape)
 
     @classmethod
-    def quantize(cls, weight: torch.Tensor) -> "NF4Tensor":
-        """Quantize a float matrix (out, in) on its own device."""
+    def quantize(cls, weight: torch.Tensor, backend: str = "auto") -> "NF4Tensor":
+        """Quantize a float matrix (out, in) on its own device, with bitsandbytes or torch."""
+        if use_bitsandbytes(backend, weight.device):
+            return cls._quantize_bnb(weight)
         w = weight.detach().float()
+        n = w.numel()
         blocks = _blocks(w, NF4_BLOCK_SIZE)  # (n_blocks, 64)
         absmax = blocks.abs().amax(dim=1)
-        safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-        codes = _nearest_code(blocks / safe[:, None], nf4_code(w.device)).view(-1, 2)
+        codes = _nearest_code(blocks * _reciprocal(absmax)[:, None], nf4_code(w.device)).view(-1)
+        codes = codes[:n + n % 2].view(-1, 2)  # bitsandbytes keeps ceil(n / 2) bytes
         packed = (codes[:, 0] << 4) | codes[:, 1]
         offset = absmax.mean()
         qabsmax, absmax2 = quantize_blockwise_8bit(absmax - offset)
         return cls(packed.contiguous(), qabsmax, absmax2, offset, tuple(weight.shape))
+
+    @classmethod
+    def _quantize_bnb(cls, weight: torch.Tensor) -> "NF4Tensor":
+        functional = _bitsandbytes().functional
+        packed, state = functional.quantize_4bit(weight.detach().contiguous(), blocksize=NF4_BLOCK_SIZE,
+                                                 compress_statistics=True, quant_type="nf4")
+        return cls.from_bnb(packed, state)
+
+    @classmethod
+    def from_bnb(cls, packed: torch.Tensor, state: Any) -> "NF4Tensor":
+        """From bitsandbytes' packed weight ((ceil(n/2), 1) uint8) and its nested NF4 QuantState."""
+        if (state.quant_type != "nf4" or state.blocksize != NF4_BLOCK_SIZE or not state.nested
+                or state.state2.blocksize != ABSMAX_BLOCK_SIZE):
+            raise LoraforgeError("only bitsandbytes NF4 states with blocksize 64 and nested (double-quantized) "
+                                 "absmax in blocks of 256 have this layout")
+        return cls(packed.reshape(-1), state.absmax, state.state2.absmax.float(),
+                   state.offset.float().reshape(()), tuple(state.shape))
+
+    def to_bnb_state(self, dtype: torch.dtype = torch.float32) -> Any:
+        """bitsandbytes' QuantState over this state's tensors (no copies); `dtype` is the dtype it
+        dequantizes to. Use with `packed.view(-1, 1)` as the packed weight."""
+        functional = _bitsandbytes().functional
+        device = self.packed.device
+        nested = functional.QuantState(absmax=self.absmax2, code=dynamic_map(device), blocksize=ABSMAX_BLOCK_SIZE,
+                                       dtype=torch.float32)
+        return functional.QuantState(absmax=self.qabsmax, shape=torch.Size(self.shape), code=nf4_code(device),
+                                     blocksize=NF4_BLOCK_SIZE, quant_type="nf4", dtype=dtype, offset=self.offset,
+                                     state2=nested)
 
     @property
     def numel(self) -> int:
@@ -170,7 +255,10 @@ def dequantize_nf4(packed: torch.Tensor, qabsmax: torch.Tensor, absmax2: torch.T
     """The matrix `shape` in `dtype` from packed NF4 codes and double-quantized scales."""
     n = shape[0] * shape[1]
     absmax = dequantize_blockwise_8bit(qabsmax, absmax2) + offset  # (n_blocks,) fp32
-    values = F.embedding(packed.to(torch.int32), _pair_table(packed.device))  # (n_pad/2, 2)
+    values = F.embedding(packed.to(torch.int32), _pair_table(packed.device)).view(-1)  # (2 * bytes,)
+    pad = (-values.numel()) % NF4_BLOCK_SIZE
+    if pad:  # a last partial block (bitsandbytes stores ceil(n / 2) bytes)
+        values = F.pad(values, (0, pad))
     values = values.view(-1, NF4_BLOCK_SIZE) * absmax[:, None]
     return values.view(-1)[:n].view(shape).to(dtype)
 
@@ -212,8 +300,10 @@ class NF4Linear(nn.Module):
     _FP32_STATE = ("absmax2", "offset")
 
     def __init__(self, state: NF4Tensor, bias: torch.Tensor | None = None,
-                 compute_dtype: torch.dtype | None = None) -> None:
+                 compute_dtype: torch.dtype | None = None, backend: str = "auto") -> None:
         super().__init__()
+        self.backend = check_backend(backend)  # see NF4_BACKENDS
+        self._bnb_states: dict[tuple, Any] = {}  # bitsandbytes QuantStates by (dtype, device)
         self.out_features, self.in_features = state.shape
         self.register_buffer("packed", state.packed)
         self.register_buffer("qabsmax", state.qabsmax)
@@ -227,9 +317,10 @@ class NF4Linear(nn.Module):
         self._compute_dtype = compute_dtype  # None: follow the device
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, compute_dtype: torch.dtype | None = None) -> "NF4Linear":
+    def from_linear(cls, linear: nn.Linear, compute_dtype: torch.dtype | None = None,
+                    backend: str = "auto") -> "NF4Linear":
         """Quantize an nn.Linear (on its device); the dense weight is not kept."""
-        return cls(NF4Tensor.quantize(linear.weight), linear.bias, compute_dtype)
+        return cls(NF4Tensor.quantize(linear.weight, backend), linear.bias, compute_dtype, backend)
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -257,8 +348,23 @@ class NF4Linear(nn.Module):
             dtype = torch.get_autocast_dtype(device_type)
         else:
             dtype = self.compute_dtype
-        y = _NF4LinearFunction.apply(x.to(dtype), self, self.bias)
+        # bitsandbytes' CPU kernels assume whole 64-weight blocks per row (every real model's rows)
+        if self.in_features % NF4_BLOCK_SIZE == 0 and use_bitsandbytes(self.backend, x.device):
+            bias = None if self.bias is None else self.bias.to(dtype)
+            y = _bitsandbytes().matmul_4bit(x.to(dtype), self.packed.view(-1, 1).t(),
+                                            quant_state=self.bnb_state(dtype), bias=bias)
+        else:
+            y = _NF4LinearFunction.apply(x.to(dtype), self, self.bias)
         return y.to(x.dtype)
+
+    def bnb_state(self, dtype: torch.dtype) -> Any:
+        """bitsandbytes' QuantState over this layer's buffers, decoding to `dtype` (cached)."""
+        key = (dtype, self.packed.device, self.packed.data_ptr())
+        state = self._bnb_states.get(key)
+        if state is None:
+            self._bnb_states.clear()  # buffers moved or were replaced
+            state = self._bnb_states[key] = self.nf4_state().to_bnb_state(dtype)
+        return state
 
     def nf4_state(self) -> NF4Tensor:
         return NF4Tensor(self.packed, self.qabsmax, self.absmax2, self.offset,
@@ -280,14 +386,18 @@ class NF4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, qtype=nf4, compute_dtype={self.compute_dtype}")
+                f"bias={self.bias is not None}, qtype=nf4, compute_dtype={self.compute_dtype}, "
+                f"backend={self.backend}")
 
 
-def quantize_model(model: nn.Module, quantize: str, compute_dtype: torch.dtype | None = None) -> int:
+def quantize_model(model: nn.Module, quantize: str, compute_dtype: torch.dtype | None = None,
+                   backend: str = "auto") -> int:
     """Replace, in place, every nn.Linear inside the decoder layers (`model.layers.*`) by an
-    NF4Linear; embeddings, the final norm and lm_head stay as they are. Returns how many."""
+    NF4Linear; embeddings, the final norm and lm_head stay as they are. Returns how many.
+    backend: see NF4_BACKENDS ("auto": bitsandbytes on CUDA when installed)."""
     if quantize not in QUANTIZE_TYPES:
         raise LoraforgeError(f"--quantize must be one of {', '.join(QUANTIZE_TYPES)}, got {quantize!r}")
+    check_backend(backend)
     layers = model.get_submodule("model.layers")
     count = 0
     for name, module in list(layers.named_modules()):
@@ -295,7 +405,7 @@ def quantize_model(model: nn.Module, quantize: str, compute_dtype: torch.dtype |
             continue
         parent_name, _, child = name.rpartition(".")
         parent = layers.get_submodule(parent_name) if parent_name else layers
-        setattr(parent, child, NF4Linear.from_linear(module, compute_dtype))
+        setattr(parent, child, NF4Linear.from_linear(module, compute_dtype, backend))
         count += 1
     return count
 

@@ -1,9 +1,14 @@
 """Resumable training checkpoints, written as GGUF files (as llama.cpp's finetune did).
 
-Content: the LoRA tensors (`lora.<module>.lora_A|lora_B`), the AdamW moments
-(`adam.m.<...>`, `adam.v.<...>`) and one JSON metadata string (`loraforge.checkpoint`) with
-the counters, schedule position, data order position, RNG states, the LoRA config and the
-fingerprints of the base model and the training data. Writes are atomic.
+Content: the LoRA tensors (`lora.<module>.lora_A|lora_B`), the optimizer state and one JSON
+metadata string (`loraforge.checkpoint`) with the counters, schedule position, data order
+position, RNG states, the LoRA config and the fingerprints of the base model and the training
+data. Writes are atomic.
+
+Optimizer state: torch's AdamW as its moments (`adam.m.<...>`, `adam.v.<...>`, float32) and
+`adam_step`; any other optimizer (bitsandbytes' 8-bit AdamW) generically, each tensor of its
+per-parameter state as `optim.<state name>.<...>` in its own dtype (uint8 stored as int8 bytes)
+and the non-tensor entries (`step`) in the metadata's `optimizer` entry, with the optimizer's name.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from torch import nn
 from loraforge.atomic import atomic_path
 from loraforge.errors import LoraforgeError, file_error
 from loraforge.lora import Adapter, LoraConfig, lora_modules
+from loraforge.train.optim import optimizer_name, same_state_layout
 
 CHECKPOINT_TYPE = "loraforge-checkpoint"
 STATE_KEY = "loraforge.checkpoint"
@@ -54,6 +60,8 @@ class Checkpoint:
     arch: str
     model_shape: dict[str, int]
     train_config: dict[str, Any]
+    optimizer_name: str = "adamw_torch"
+    optimizer_state: dict[str, dict[str, Any]] = field(default_factory=dict)  # key -> state (non-torch AdamW)
 
 
 def _param_keys(model: nn.Module, name: str = "default") -> list[tuple[str, nn.Parameter]]:
@@ -93,6 +101,7 @@ def save_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
         writer = gguf.GGUFWriter(tmp, arch=model_cfg.arch)
         writer.add_type(CHECKPOINT_TYPE)
         adam_step = 0.0
+        optim_meta: dict[str, Any] = {"name": optimizer_name(optimizer), "scalars": {}, "dtypes": {}}
         for key, p in _param_keys(model):
             writer.add_tensor("lora." + key, p.detach().float().cpu().numpy())
             st = optimizer.state.get(p, {})
@@ -100,6 +109,8 @@ def save_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
                 writer.add_tensor("adam.m." + key, st["exp_avg"].detach().float().cpu().numpy())
                 writer.add_tensor("adam.v." + key, st["exp_avg_sq"].detach().float().cpu().numpy())
                 adam_step = float(st["step"])
+            else:
+                _add_optimizer_state(writer, key, st, optim_meta)
         meta = {
             "version": FORMAT_VERSION,
             "state": asdict(state),
@@ -108,12 +119,29 @@ def save_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
             "rng": rng_states(),
             "model_shape": model_shape(model_cfg),
             "train_config": train_config,
+            "optimizer": optim_meta,
         }
         writer.add_string(STATE_KEY, json.dumps(meta))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+
+
+def _add_optimizer_state(writer, key: str, state: dict[str, Any], optim_meta: dict[str, Any]) -> None:
+    """Write one parameter's optimizer state generically: tensors as `optim.<name>.<key>` in their
+    dtype (uint8 as int8 bytes, the dtype noted in optim_meta), other values into optim_meta."""
+    for state_name, value in state.items():
+        if torch.is_tensor(value) and value.ndim > 0:
+            array = value.detach().cpu().contiguous()
+            tensor_name = f"optim.{state_name}.{key}"
+            if array.dtype == torch.uint8:
+                optim_meta["dtypes"][tensor_name] = "uint8"
+                array = array.view(torch.int8)
+            writer.add_tensor(tensor_name, array.numpy())
+        else:
+            value = value.item() if torch.is_tensor(value) else value
+            optim_meta["scalars"].setdefault(key, {})[state_name] = value
 
 
 def load_checkpoint(path: str) -> Checkpoint:
@@ -135,7 +163,18 @@ def load_checkpoint(path: str) -> Checkpoint:
     tensors: dict[str, torch.Tensor] = {}
     m: dict[str, torch.Tensor] = {}
     v: dict[str, torch.Tensor] = {}
+    optim_meta = meta.get("optimizer") or {}
+    optimizer_state: dict[str, dict[str, Any]] = {}
+    for key, scalars in (optim_meta.get("scalars") or {}).items():
+        optimizer_state.setdefault(key, {}).update(scalars)
     for t in reader.tensors:
+        if t.name.startswith("optim."):  # optim.<state name>.<key>, in its own dtype
+            state_name, _, key = t.name[6:].partition(".")
+            value = torch.from_numpy(np.array(t.data))
+            if (optim_meta.get("dtypes") or {}).get(t.name) == "uint8":
+                value = value.view(torch.uint8)
+            optimizer_state.setdefault(key, {})[state_name] = value
+            continue
         arr = torch.from_numpy(np.array(t.data, dtype=np.float32))
         if t.name.startswith("lora."):
             tensors[t.name[5:]] = arr
@@ -147,11 +186,23 @@ def load_checkpoint(path: str) -> Checkpoint:
     arch_field = reader.fields.get("general.architecture")
     arch = bytes(arch_field.parts[arch_field.data[0]]).decode() if arch_field else "llama"
     return Checkpoint(state, lora_cfg, tensors, moments, float(meta.get("adam_step", 0.0)), meta["rng"], arch,
-                      meta.get("model_shape", {}), meta.get("train_config", {}))
+                      meta.get("model_shape", {}), meta.get("train_config", {}),
+                      optim_meta.get("name", "adamw_torch"), optimizer_state)
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, ckpt: Checkpoint) -> None:
-    """Put the saved AdamW moments back onto the model's adapter parameters."""
+    """Put the saved optimizer state back onto the model's adapter parameters."""
+    current = optimizer_name(optimizer)
+    if (ckpt.moments or ckpt.optimizer_state) and not same_state_layout(ckpt.optimizer_name, current):
+        raise LoraforgeError(f"the checkpoint holds {ckpt.optimizer_name} optimizer state, this run uses {current}; "
+                             f"resume with --optim {ckpt.optimizer_name}")
+    if ckpt.optimizer_state:
+        for key, p in _param_keys(model):
+            if key not in ckpt.optimizer_state:
+                raise LoraforgeError(f"checkpoint lacks optimizer state for {key}")
+            optimizer.state[p] = {name: value.to(p.device).clone() if torch.is_tensor(value) else value
+                                  for name, value in ckpt.optimizer_state[key].items()}
+        return
     if not ckpt.moments:
         return
     for key, p in _param_keys(model):

@@ -1,4 +1,13 @@
-"""AdamW and learning-rate schedules.
+"""AdamW (torch's, or bitsandbytes' 8-bit and paged 8-bit) and learning-rate schedules.
+
+Optimizers (`OPTIMIZERS`, the names transformers' TrainingArguments and unsloth use):
+  adamw_torch       torch.optim.AdamW (fused on CUDA), fp32 moments: 8 bytes per trained weight
+  adamw_8bit        bitsandbytes.optim.AdamW8bit: both moments blockwise-quantized to 8 bits
+                    (2 bytes + scales per weight); like bitsandbytes' default, tensors under 4096
+                    elements (e.g. a rank-4 lora_A of a 576-wide layer) keep fp32 moments
+  paged_adamw_8bit  bitsandbytes.optim.PagedAdamW8bit: the same, its states in CUDA unified memory
+                    that pages to the CPU under memory pressure. On the CPU there is nothing to page
+                    to: it is adamw_8bit there (the same update, the same checkpoint state).
 
 `llama` is llama.cpp finetune's schedule: linear warmup, then cosine decay to `cos_min` over
 `cos_decay_steps` (optionally restarting with steps x `cos_restart`). `linear`, `cosine` and
@@ -17,6 +26,8 @@ from torch import nn
 from loraforge.errors import LoraforgeError
 
 SCHEDULERS = ("llama", "linear", "cosine", "constant")
+OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit")
+_CLASS_NAMES = {"AdamW": "adamw_torch", "AdamW8bit": "adamw_8bit", "PagedAdamW8bit": "paged_adamw_8bit"}
 
 
 @dataclass
@@ -82,20 +93,20 @@ def _cosine_restart(step: int, decay_steps: int, minimum: float, restart_mult: f
     return (1.0 - minimum) * cos + minimum
 
 
-OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit")
-
-
 def check_optimizer(name: str, device: torch.device) -> None:
-    """Fail before loading anything when the optimizer cannot run here."""
+    """Fail before loading anything when the optimizer cannot run here (bitsandbytes missing)."""
     if name not in OPTIMIZERS:
         raise LoraforgeError(f"--optim {name!r}: choose one of {', '.join(OPTIMIZERS)}")
     if name != "adamw_torch":
-        raise LoraforgeError(f"--optim {name} is not available in this build (use adamw_torch)")
+        _bitsandbytes_optim(name)
 
 
 def make_optimizer(params: list[nn.Parameter], lr: float, weight_decay: float, beta1: float, beta2: float,
-                   eps: float = 1e-8, decay_min_ndim: int = 2, name: str = "adamw_torch") -> torch.optim.AdamW:
-    """AdamW; weight decay only on tensors with at least `decay_min_ndim` dims (as llama.cpp)."""
+                   eps: float = 1e-8, decay_min_ndim: int = 2, name: str = "adamw_torch") -> torch.optim.Optimizer:
+    """AdamW of kind `name` (see OPTIMIZERS); weight decay only on tensors with at least
+    `decay_min_ndim` dims (as llama.cpp)."""
+    if name not in OPTIMIZERS:
+        raise LoraforgeError(f"--optim must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
     if lr <= 0:
         raise LoraforgeError(f"learning rate must be positive, got {lr}")
     if not (0 <= beta1 < 1 and 0 <= beta2 < 1):
@@ -105,8 +116,32 @@ def make_optimizer(params: list[nn.Parameter], lr: float, weight_decay: float, b
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
-    fused = all(p.is_cuda for p in params) and len(params) > 0
-    return torch.optim.AdamW(groups, lr=lr, betas=(beta1, beta2), eps=eps, foreach=not fused, fused=fused or None)
+    on_cuda = all(p.is_cuda for p in params) and len(params) > 0
+    if name == "adamw_torch":
+        return torch.optim.AdamW(groups, lr=lr, betas=(beta1, beta2), eps=eps, foreach=not on_cuda,
+                                 fused=on_cuda or None)
+    bnb_optim = _bitsandbytes_optim(name)
+    cls = bnb_optim.PagedAdamW8bit if name == "paged_adamw_8bit" and on_cuda else bnb_optim.AdamW8bit
+    return cls(groups, lr=lr, betas=(beta1, beta2), eps=eps)
+
+
+def _bitsandbytes_optim(name: str):
+    try:
+        import bitsandbytes.optim as bnb_optim
+    except Exception as e:  # not installed, or no native library for this platform
+        raise LoraforgeError(f"--optim {name} needs bitsandbytes ({type(e).__name__}: {e}); "
+                             "pip install 'loraforge[bnb]'") from None
+    return bnb_optim
+
+
+def optimizer_name(optimizer: torch.optim.Optimizer) -> str:
+    """The OPTIMIZERS name of an optimizer made by `make_optimizer` (else its class name)."""
+    return _CLASS_NAMES.get(type(optimizer).__name__, type(optimizer).__name__)
+
+
+def same_state_layout(a: str, b: str) -> bool:
+    """Whether optimizers `a` and `b` keep interchangeable per-parameter state (8-bit AdamW paged or not)."""
+    return a == b or {a, b} == {"adamw_8bit", "paged_adamw_8bit"}
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
