@@ -335,7 +335,10 @@ class Finetune:
                                    f"e.g. {diff[0][0]} {theirs.get(diff[0][0])} in the checkpoint vs "
                                    f"{mine.get(diff[0][0])}")
         load_adapter_tensors(model, ckpt.tensors)
-        restore_optimizer(optimizer, model, ckpt)
+        try:
+            restore_optimizer(optimizer, model, ckpt)
+        except LoraforgeError as e:
+            raise file_error(path, str(e)) from None
         restore_rng(ckpt.rng)
         state = ckpt.state
         if state.data_fingerprint != data_fp or state.n_items != source.n_items:
