@@ -30,9 +30,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from loraforge.commands.finetune import DATASET_SUFFIXES
+    from loraforge.commands.generate import check_context
     from loraforge.formats.adapters import parse_lora_args
     from loraforge.generate import attach_adapters
-    from loraforge.loader import load_model
+    from loraforge.loader import load_model, resolve_model_path
+    from loraforge.merge import base_config
     from loraforge.train.evaluate import evaluate_source
     from loraforge.train.finetune import _bundled_text, resolve_device
 
@@ -43,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     adapters = parse_lora_args(args.lora, args.lora_scaled)
     device = resolve_device(args.device)
+    check_context(args.ctx, base_config(resolve_model_path(args.model))[0], "--ctx", batch=args.batch,
+                  device=device.type)  # from the header, before the weights load
     loaded = load_model(args.model, args.base_dtype, device)
     attach_adapters(loaded.model, adapters, loaded.config)
     path = args.data or _bundled_text()

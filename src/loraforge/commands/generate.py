@@ -93,6 +93,12 @@ def load_for_generation(args: argparse.Namespace, adapters: list[tuple[str, floa
         device = "cuda" if torch.cuda.is_available() else "cpu"
     elif device == "cuda" and not torch.cuda.is_available():
         raise LoraforgeError("--device cuda: no CUDA device is available to torch")
+    if args.ctx_size > 0:  # checked against the model's header before the weights load
+        from loraforge.loader import resolve_model_path
+        from loraforge.merge import base_config
+
+        check_context(args.ctx_size, base_config(resolve_model_path(args.model))[0], "--ctx-size",
+                      kv_cache=True, device=device)
     t0 = time.perf_counter()
     loaded = load_model(args.model, base_dtype=args.base_dtype, device=device)
     attach_adapters(loaded.model, adapters, loaded.config)
@@ -123,7 +129,49 @@ def read_prompt(args: argparse.Namespace) -> str:
 def context_size(args: argparse.Namespace, loaded: Any) -> int:
     from loraforge.generate import default_ctx_size
 
-    return args.ctx_size if args.ctx_size > 0 else default_ctx_size(loaded.config)
+    if args.ctx_size > 0:
+        check_context(args.ctx_size, loaded.config, "--ctx-size", kv_cache=True)
+        return args.ctx_size
+    return default_ctx_size(loaded.config)
+
+
+def available_memory_bytes() -> int | None:
+    """Memory the OS can still give this process (Linux MemAvailable, else free pages), or None."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_context(tokens: int, cfg: Any, flag: str, kv_cache: bool = False, batch: int = 1,
+                  device: str = "cpu") -> None:
+    """One line, before any memory is spent, when `tokens` (a --ctx / --ctx-size value) is longer than
+    the model's context or clearly cannot fit in memory: the KV cache (L, 2, G, tokens, D) float32
+    for generation, or (batch, tokens) activations (4 hidden + 3 feed-forward wide, float32) for eval."""
+    limit = cfg.max_position_embeddings
+    if limit and tokens > limit:
+        raise LoraforgeError(f"{flag} {tokens} is above the model's context length {limit}")
+    if device != "cpu":
+        return
+    if kv_cache:
+        need = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * tokens * 4
+        what = f"the KV cache for {flag} {tokens}"
+    else:
+        need = batch * tokens * (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * 4
+        what = f"the activations of {batch} x {tokens} tokens"
+    free = available_memory_bytes()
+    if free is not None and need > free:
+        from loraforge.atomic import human_bytes
+
+        raise LoraforgeError(f"{what} need at least {human_bytes(need)}, more than the {human_bytes(free)} of "
+                             f"memory available; lower {flag}" + ("" if kv_cache else " or --batch"))
 
 
 # -- the command --------------------------------------------------------------------------------

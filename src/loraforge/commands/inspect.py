@@ -185,12 +185,21 @@ def _module_ranks(tensors: dict[str, dict[str, Any]]) -> dict[str, list[int]]:
 
 
 def _gguf_checkpoint(reader, meta: dict[str, Any], path: str) -> dict[str, Any]:
+    """The fields shown of a checkpoint's JSON metadata, each checked for its type (a full check,
+    with the RNG states, is `train.checkpoint.parse_checkpoint_metadata` when resuming)."""
     raw = meta.get("loraforge.checkpoint")
+    if not isinstance(raw, str):
+        raise file_error(path, "damaged checkpoint metadata: loraforge.checkpoint is not a string")
     try:
-        state = json.loads(raw) if isinstance(raw, str) else {}
+        state = json.loads(raw)
     except json.JSONDecodeError as e:
         raise file_error(path, f"damaged checkpoint metadata ({e})") from None
-    train = state.get("state", {})
+    _expect(path, "the metadata", state, dict, "an object")
+    train = _expect(path, "state", state.get("state", {}), dict, "an object")
+    for key in ("iteration", "epoch", "tokens_seen"):
+        _expect(path, f"state.{key}", train.get(key, 0), int, "an integer")
+    _expect(path, "state.base_fingerprint", train.get("base_fingerprint", ""), str, "a string")
+    _expect(path, "lora", state.get("lora", {}), dict, "an object")
     return {
         "iteration": train.get("iteration"),
         "epoch": train.get("epoch"),
@@ -200,6 +209,13 @@ def _gguf_checkpoint(reader, meta: dict[str, Any], path: str) -> dict[str, Any]:
         "lora_tensors": sum(t.name.startswith("lora.") for t in reader.tensors),
         "optimizer_tensors": sum(t.name.startswith("adam.") for t in reader.tensors),
     }
+
+
+def _expect(path: str, where: str, value: Any, kind: type, expected: str) -> Any:
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    raise file_error(path, f"damaged checkpoint metadata: {where} is {type(value).__name__} "
+                           f"{json.dumps(value)[:40]}, expected {expected}")
 
 
 # --- Hugging Face folders ---------------------------------------------------------------------------

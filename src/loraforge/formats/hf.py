@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Iterator
@@ -62,6 +63,21 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, dict]:
     return header
 
 
+def verify_written_safetensors(path: str | os.PathLike) -> None:
+    """Check a safetensors file just written: its header parses and the file ends where the last
+    tensor's data ends (a short write makes it shorter)."""
+    path = os.fspath(path)
+    size = os.path.getsize(path)
+    header = read_safetensors_header(path)
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+    ends = [entry["data_offsets"][1] for entry in header.values()
+            if isinstance(entry, dict) and isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2]
+    want = 8 + n + max(ends, default=0)
+    if size != want:
+        raise file_error(path, f"written file has {size} bytes, its header says {want} (a short write)")
+
+
 def iter_tensors(folder: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for every weight, memory-mapped, one at a time."""
     from safetensors import SafetensorError, safe_open
@@ -84,33 +100,42 @@ def read_config(folder: str | os.PathLike) -> ModelConfig:
 
 def write_folder(folder: str | os.PathLike, cfg: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor]],
                  max_shard_bytes: int = 2 << 30) -> None:
-    """Write config.json and safetensors shards (+ index when more than one), streaming tensors."""
+    """Write config.json and safetensors shards (+ index when more than one), streaming tensors.
+
+    Each shard is written atomically and checked; when a write fails, the shards this call
+    wrote that are not yet under their final names are removed again.
+    """
     from safetensors.torch import save_file
 
     from loraforge.atomic import atomic_path
 
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    sizes = [0]
+    shard: dict[str, torch.Tensor] = {}
+    shard_bytes = 0
     written: list[tuple[str, list[str]]] = []
 
-    def flush(last: bool) -> None:
-        idx = len(written) + 1
-        name = f"model-{idx:05d}.safetensors"
-        with atomic_path(os.path.join(folder, name)) as tmp:
-            save_file(shards[0], tmp, metadata={"format": "pt"})
-        written.append((name, list(shards[0])))
-        shards[0], sizes[0] = {}, 0
+    def flush() -> None:
+        name = f"model-{len(written) + 1:05d}.safetensors"
+        with atomic_path(os.path.join(folder, name), verify=verify_written_safetensors, size_hint=shard_bytes) as tmp:
+            save_file(shard, tmp, metadata={"format": "pt"})
+        written.append((name, list(shard)))
 
-    for name, t in tensors:
-        nbytes = t.numel() * t.element_size()
-        if shards[0] and sizes[0] + nbytes > max_shard_bytes:
-            flush(False)
-        shards[0][name] = t.contiguous()
-        sizes[0] += nbytes
-    if shards[0] or not written:
-        flush(True)
+    try:
+        for name, t in tensors:
+            nbytes = t.numel() * t.element_size()
+            if shard and shard_bytes + nbytes > max_shard_bytes:
+                flush()
+                shard, shard_bytes = {}, 0
+            shard[name] = t.contiguous()
+            shard_bytes += nbytes
+        if shard or not written:
+            flush()
+    except BaseException:
+        for name, _ in written:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(folder, name))
+        raise
     total = len(written)
     if total == 1:
         only = written[0][0]
