@@ -108,7 +108,6 @@ def atomic_paths(paths: Sequence[str | os.PathLike], verify: Sequence[Verify | N
             fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=_folder_of(path))
             temps.append(tmp)
             os.close(fd)
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         current = finals[0]
         yield list(temps)
         checks = list(verify) + [None] * (len(finals) - len(verify))
@@ -121,10 +120,12 @@ def atomic_paths(paths: Sequence[str | os.PathLike], verify: Sequence[Verify | N
                     check(tmp)
                 except LoraforgeError as e:
                     detail = str(e).replace(f"{tmp}: ", "")
-                    raise file_error(path, f"the written file failed its check ({detail}; is the disk full?); "
+                    raise file_error(path, f"could not be written completely, the disk may be full ({detail}); "
                                            f"{_kept(existed[finals.index(path)])}") from None
         for path, tmp in zip(finals, temps):
             current = path
+            # mkstemp makes 0600 (and some writers recreate the file): give it the usual permissions
+            os.chmod(tmp, 0o666 & ~_umask())
             os.replace(tmp, path)
             _fsync_dir(_folder_of(path))
     except OSError as e:

@@ -93,12 +93,15 @@ def load_for_generation(args: argparse.Namespace, adapters: list[tuple[str, floa
         device = "cuda" if torch.cuda.is_available() else "cpu"
     elif device == "cuda" and not torch.cuda.is_available():
         raise LoraforgeError("--device cuda: no CUDA device is available to torch")
-    if args.ctx_size > 0:  # checked against the model's header before the weights load
+    if args.ctx_size > 0 or adapters:  # checked against the model's header before the weights load
+        from loraforge.formats.adapters import load_adapters
         from loraforge.loader import resolve_model_path
         from loraforge.merge import base_config
 
-        check_context(args.ctx_size, base_config(resolve_model_path(args.model))[0], "--ctx-size",
-                      kv_cache=True, device=device)
+        header_config = base_config(resolve_model_path(args.model))[0]
+        if args.ctx_size > 0:
+            check_context(args.ctx_size, header_config, "--ctx-size", kv_cache=True, device=device)
+        load_adapters(adapters, header_config)  # a wrong adapter fails in seconds, not after the load
     t0 = time.perf_counter()
     loaded = load_model(args.model, base_dtype=args.base_dtype, device=device)
     attach_adapters(loaded.model, adapters, loaded.config)

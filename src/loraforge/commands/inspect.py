@@ -103,7 +103,7 @@ def _gguf_model(reader, meta: dict[str, Any], path: str) -> dict[str, Any]:
         "rope": rope,
         "parameters": sum(math.prod(t.shape) for t in reader.tensors if t.name != "rope_freqs.weight"),
         "file_type": _file_type(meta),
-        "tokenizer": _gguf_tokenizer(meta),
+        "tokenizer": _gguf_tokenizer(meta, path),
         "chat_template": meta.get("tokenizer.chat_template"),
     }
     if unsupported:
@@ -123,7 +123,7 @@ def _file_type(meta: dict[str, Any]) -> str | None:
         return str(value)
 
 
-def _gguf_tokenizer(meta: dict[str, Any]) -> dict[str, Any] | None:
+def _gguf_tokenizer(meta: dict[str, Any], path: str) -> dict[str, Any] | None:
     tokens = meta.get("tokenizer.ggml.tokens")
     if meta.get("tokenizer.ggml.model") is None:
         return None
@@ -132,6 +132,8 @@ def _gguf_tokenizer(meta: dict[str, Any]) -> dict[str, Any] | None:
         i = meta.get(f"tokenizer.ggml.{key}")
         if i is None:
             return None
+        if not isinstance(i, int) or isinstance(i, bool):
+            raise file_error(path, f"tokenizer.ggml.{key} is {i!r}, not a token id")
         text = tokens[i] if tokens is not None and 0 <= int(i) < len(tokens) else None
         return {"id": int(i), "text": text}
 

@@ -153,6 +153,9 @@ def read_model(path: str | os.PathLike) -> GGUFModel:
     tok_embd = next((t for t in gf.tensors if t.name == "token_embd.weight"), None)
     n_vocab = int(tok_embd.shape[0]) if tok_embd is not None else None
     cfg = ModelConfig.from_gguf_metadata(meta, path, n_vocab=n_vocab, has_output="output.weight" in names)
+    if 9 * cfg.num_hidden_layers + 2 > len(names):  # before lists of names are made for that many layers
+        raise file_error(path, f"the metadata says {cfg.num_hidden_layers} layers, but the file holds only "
+                               f"{len(names)} tensors (a llama layer has 9)")
     permute = needs_qk_permutation(meta["general.architecture"])
     tensors: dict[str, RawTensor] = {}
     for t in gf.tensors:

@@ -139,7 +139,7 @@ def write_gguf_adapter(path: str | os.PathLike, adapter: Adapter, cfg: ModelConf
         writer.close()
 
 
-def _as_float32(t) -> np.ndarray:
+def _as_float32(t, path: str) -> np.ndarray:
     """A reader tensor as float32 numpy in its numpy (reversed-ne) shape."""
     import gguf
 
@@ -147,7 +147,7 @@ def _as_float32(t) -> np.ndarray:
     try:
         values = gguf.quants.dequantize(np.asarray(t.data), gguf.GGMLQuantizationType(int(t.tensor_type)))
     except NotImplementedError:
-        raise LoraforgeError(f"tensor {t.name} has type {t.tensor_type.name}, which cannot be read") from None
+        raise file_error(path, f"tensor {t.name} has type {t.tensor_type.name}, which cannot be read") from None
     return np.array(values, dtype=np.float32).reshape(shape)
 
 
@@ -192,7 +192,7 @@ def read_gguf_adapter(path: str | os.PathLike, cfg: ModelConfig | None = None) -
             raise file_error(path, f"tensor {name!r} targets {base!r}, unknown for architecture {arch!r}") from None
         if not hf.endswith(".weight") or hf.endswith("norm.weight"):
             raise file_error(path, f"tensor {name!r} targets {base!r}, which cannot take a LoRA")
-        pairs.setdefault(hf[: -len(".weight")], {})[which] = _as_float32(t)
+        pairs.setdefault(hf[: -len(".weight")], {})[which] = _as_float32(t, path)
 
     n_head = cfg.num_attention_heads if cfg else None
     n_kv = cfg.num_key_value_heads if cfg else None

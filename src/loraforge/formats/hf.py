@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from typing import Iterator
 
 import torch
@@ -63,6 +64,22 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, dict]:
     return header
 
 
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str) -> None:
+    """safetensors' `save_file`, with an I/O failure raised as the OSError it is (safetensors reports
+    "I/O error: ... (os error 28)" as a SafetensorError), so that atomic writes report it in one line."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, path, metadata={"format": "pt"})
+    except SafetensorError as e:
+        found = re.search(r"\(os error (\d+)\)", str(e))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), path) from None
+
+
 def verify_written_safetensors(path: str | os.PathLike) -> None:
     """Check a safetensors file just written: its header parses and the file ends where the last
     tensor's data ends (a short write makes it shorter)."""
@@ -105,8 +122,6 @@ def write_folder(folder: str | os.PathLike, cfg: ModelConfig, tensors: Iterator[
     Each shard is written atomically and checked; when a write fails, the shards this call
     wrote that are not yet under their final names are removed again.
     """
-    from safetensors.torch import save_file
-
     from loraforge.atomic import atomic_path
 
     folder = os.fspath(folder)
@@ -118,7 +133,7 @@ def write_folder(folder: str | os.PathLike, cfg: ModelConfig, tensors: Iterator[
     def flush() -> None:
         name = f"model-{len(written) + 1:05d}.safetensors"
         with atomic_path(os.path.join(folder, name), verify=verify_written_safetensors, size_hint=shard_bytes) as tmp:
-            save_file(shard, tmp, metadata={"format": "pt"})
+            save_safetensors(shard, tmp)
         written.append((name, list(shard)))
 
     try:

@@ -50,10 +50,8 @@ def write_peft(folder: str | os.PathLike, adapter: Adapter, cfg: ModelConfig, ba
 
     Both files are written atomically; on failure a folder this call created is removed again.
     """
-    from safetensors.torch import save_file
-
     from loraforge.formats.adapters import check_adapter
-    from loraforge.formats.hf import verify_written_safetensors
+    from loraforge.formats.hf import save_safetensors, verify_written_safetensors
 
     folder = os.fspath(folder)
     if dtype not in PEFT_DTYPES:
@@ -109,7 +107,7 @@ def write_peft(folder: str | os.PathLike, adapter: Adapter, cfg: ModelConfig, ba
         with atomic_paths([os.path.join(folder, WEIGHTS_NAME), os.path.join(folder, CONFIG_NAME)],
                           verify=[verify_written_safetensors],
                           size_hint=sum(t.numel() * t.element_size() for t in state.values())) as (tmp_w, tmp_c):
-            save_file(state, tmp_w, metadata={"format": "pt"})
+            save_safetensors(state, tmp_w)
             with open(tmp_c, "w", encoding="utf-8") as f:
                 json.dump(config, f, indent=2)
                 f.write("\n")
