@@ -5,6 +5,10 @@ vocabulary; this one parses the header with `struct` in one pass. Layout (little
 magic "GGUF", u32 version, u64 n_tensors, u64 n_kv, then n_kv (key, type, value), then
 n_tensors (name, u32 n_dims, u64 dims[n_dims] (ggml order), u32 type, u64 offset); tensor data
 starts at the next multiple of `general.alignment` (default 32).
+
+Every GGUF read in loraforge goes through `read_gguf` first (gguf-py's reader, used for adapters
+and checkpoints, only after it), so no count, length or size from a file is trusted before it is
+checked against the file's size.
 """
 
 from __future__ import annotations

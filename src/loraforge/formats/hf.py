@@ -88,8 +88,8 @@ def verify_written_safetensors(path: str | os.PathLike) -> None:
     header = read_safetensors_header(path)
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
-    ends = [entry["data_offsets"][1] for entry in header.values()
-            if isinstance(entry, dict) and isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2]
+    offsets = [entry.get("data_offsets") for entry in header.values() if isinstance(entry, dict)]
+    ends = [pair[1] for pair in offsets if isinstance(pair, list) and len(pair) == 2]
     want = 8 + n + max(ends, default=0)
     if size != want:
         raise file_error(path, f"written file has {size} bytes, its header says {want} (a short write)")
