@@ -23,9 +23,7 @@ from loraforge.errors import LoraforgeError
 
 resource = pytest.importorskip("resource")  # POSIX only
 signal = pytest.importorskip("signal")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-from gguf_damage import (tiny_lora_model, tiny_model_config, write_tiny_adapter,  # noqa: E402
-                         write_tiny_checkpoint)
+from gguf_damage import tiny_lora_model, tiny_model_config, write_tiny_adapter, write_tiny_checkpoint  # noqa: E402
 
 if not hasattr(signal, "SIGXFSZ"):
     pytest.skip("no SIGXFSZ on this platform", allow_module_level=True)

@@ -4,7 +4,8 @@ file's size (nothing is allocated for a count or length before it is checked aga
 
 Mutations aim at the structural fields (counts, lengths, types, dims, offsets) with values at the
 edges (0, 2^31, 2^32-1, 2^63 ...), plus random header bytes and truncation. Derandomized, so a
-run is repeatable; example counts keep it to about a minute on two cores.
+run is repeatable; example counts keep it to about a minute on two cores (FUZZ_N and FUZZ_N_HEAD
+in the environment raise them for a longer search).
 """
 
 from __future__ import annotations
@@ -14,13 +15,11 @@ import struct
 import tracemalloc
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from gguf_damage import header_fields, tiny_model_config, write_tiny_adapter, write_tiny_checkpoint  # noqa: E402
-from loraforge.errors import LoraforgeError  # noqa: E402
+from gguf_damage import header_fields, tiny_model_config, write_tiny_adapter, write_tiny_checkpoint
+from loraforge.errors import LoraforgeError
 
 EDGE_VALUES = [0, 1, 2, 3, 4, 7, 8, 9, 12, 13, 31, 32, 33, 48, 64, 255, 256, 2**16 - 1, 2**31 - 1, 2**31,
                2**32 - 1, 2**32, 2**40, 2**62, 2**63 - 1, 2**63, 2**64 - 1]
