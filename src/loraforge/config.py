@@ -189,7 +189,21 @@ class ModelConfig:
     @classmethod
     def from_gguf_metadata(cls, meta: Mapping[str, Any], source: str, n_vocab: int | None = None,
                            has_output: bool = True) -> "ModelConfig":
-        """Numbers from GGUF keys (`{arch}.embedding_length` ...). `has_output`: an output.weight exists."""
+        """Numbers from GGUF keys (`{arch}.embedding_length` ...). `has_output`: an output.weight exists.
+
+        A value of the wrong type or out of range is a one-line error naming `source`."""
+        try:
+            return cls._from_gguf_metadata(meta, source, n_vocab, has_output)
+        except LoraforgeError as e:
+            if str(e).startswith(f"{source}: "):
+                raise
+            raise file_error(source, str(e)) from None
+        except (TypeError, ValueError, OverflowError, ZeroDivisionError, IndexError) as e:
+            raise file_error(source, f"GGUF metadata value of the wrong type or out of range ({e})") from None
+
+    @classmethod
+    def _from_gguf_metadata(cls, meta: Mapping[str, Any], source: str, n_vocab: int | None,
+                            has_output: bool) -> "ModelConfig":
         arch = meta.get("general.architecture")
         if arch not in GGUF_ARCHES:
             raise file_error(source, f"architecture {arch!r} is not supported "

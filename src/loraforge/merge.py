@@ -72,46 +72,16 @@ def needs_untied_output(cfg: ModelConfig, adapters: Sequence[tuple[Adapter, floa
 # is copied byte for byte (every type kept exactly, a 50k-token vocabulary in milliseconds), and
 # tensors are encoded and written one at a time in the order of their info records.
 
-_KV_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-_KV_STRING, _KV_ARRAY, _KV_UINT32 = 8, 9, 4
-
-
-def _skip_value(buf: memoryview, pos: int, vtype: int) -> int:
-    """Position after a GGUF value of type `vtype` starting at `pos`."""
-    if vtype in _KV_SCALAR_SIZES:
-        return pos + _KV_SCALAR_SIZES[vtype]
-    if vtype == _KV_STRING:
-        return pos + 8 + struct.unpack_from("<Q", buf, pos)[0]
-    if vtype == _KV_ARRAY:
-        etype, count = struct.unpack_from("<IQ", buf, pos)
-        pos += 12
-        if etype in _KV_SCALAR_SIZES:
-            return pos + count * _KV_SCALAR_SIZES[etype]
-        for _ in range(count):
-            pos = _skip_value(buf, pos, etype)
-        return pos
-    raise LoraforgeError(f"unknown GGUF metadata value type {vtype}")
+_KV_STRING, _KV_UINT32 = 8, 4
 
 
 def kv_records(path: str) -> list[tuple[str, bytes]]:
-    """The key/value records of a GGUF file as (key, raw bytes of key + type + value), in file order."""
-    with open(path, "rb") as f:
-        head = f.read(24)
-        magic, _version, _n_tensors, n_kv = struct.unpack("<4sIQQ", head)
-        if magic != b"GGUF":
-            raise file_error(path, "not a GGUF file")
-    mm = np.memmap(path, dtype=np.uint8, mode="r")
-    buf = memoryview(mm)
-    pos, records = 24, []
-    for _ in range(n_kv):
-        start = pos
-        n = struct.unpack_from("<Q", buf, pos)[0]
-        key = bytes(buf[pos + 8:pos + 8 + n]).decode("utf-8", errors="replace")
-        pos += 8 + n
-        vtype = struct.unpack_from("<I", buf, pos)[0]
-        pos = _skip_value(buf, pos + 4, vtype)
-        records.append((key, bytes(buf[start:pos])))
-    return records
+    """The key/value records of a GGUF file as (key, raw bytes of key + type + value), in file order
+    (spans found by the validating header parser)."""
+    from loraforge.formats.gguf_file import read_gguf
+
+    gf = read_gguf(path)
+    return [(key, bytes(gf.mmap[start:end])) for key, start, end in gf.kv_spans]
 
 
 def _pack_string(s: str) -> bytes:
@@ -379,8 +349,10 @@ def merge_to_gguf(base_path: str, adapters: Sequence[tuple[Adapter, float]], out
             report.add(p.name, base, delta, written)
         return data
 
-    with atomic_path(out_path) as tmp:
-        _write_gguf(tmp, gf.version, kv, plan, int(gf.metadata.get("general.alignment", 32)), tensor_bytes)
+    from loraforge.formats.gguf_file import verify_written_gguf
+
+    with atomic_path(out_path, verify=verify_written_gguf, size_hint=sum(p.nbytes for p in plan)) as tmp:
+        _write_gguf(tmp, gf.version, kv, plan, gf.alignment, tensor_bytes)
     for line in report.lines("merged file"):
         log(line)
     return {"tensors": len(plan), "changed": changed[0], "arch": arch, "notes": notes,

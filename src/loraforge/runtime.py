@@ -68,6 +68,23 @@ def peak_rss_bytes() -> int:
     return int(getattr(info, "peak_wset", 0) or info.rss)
 
 
+def available_memory_bytes() -> int | None:
+    """Memory the OS can still give this process (Linux MemAvailable, else psutil), or None."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        return None
+
+
 def peak_memory_text(device: torch.device) -> str:
     """"peak RSS N MiB" (+ the CUDA allocator's peak reservation on a GPU)."""
     text = f"peak RSS {peak_rss_bytes() / 2**20:.0f} MiB"

@@ -37,17 +37,55 @@ def add_runtime_flags(parser: argparse.ArgumentParser | Any, base_dtype: bool = 
                                  "dequantized to f32/f16/bf16; auto keeps a large quantized GGUF quantized")
 
 
-def load_with_adapters(args: argparse.Namespace, adapters: list[tuple[str, float]]) -> tuple[Any, str]:
+def check_context(tokens: int, cfg: Any, flag: str, kv_cache: bool = False, batch: int = 1,
+                  device: str = "cpu") -> None:
+    """One line, before any memory is spent, when `tokens` (a --ctx / --ctx-size value) is longer than
+    the model's context or clearly cannot fit in memory: the KV cache (L, 2, G, tokens, D) float32
+    for generation, or (batch, tokens) activations (4 hidden + 3 feed-forward wide, float32) for eval."""
+    limit = cfg.max_position_embeddings
+    if limit and tokens > limit:
+        raise LoraforgeError(f"{flag} {tokens} is above the model's context length {limit}")
+    if device != "cpu":
+        return
+    if kv_cache:
+        need = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * tokens * 4
+        what = f"the KV cache for {flag} {tokens}"
+    else:
+        need = batch * tokens * (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * 4
+        what = f"the activations of {batch} x {tokens} tokens"
+    from loraforge.runtime import available_memory_bytes
+
+    free = available_memory_bytes()
+    if free is not None and need > free:
+        from loraforge.atomic import human_bytes
+
+        raise LoraforgeError(f"{what} need at least {human_bytes(need)}, more than the {human_bytes(free)} of "
+                             f"memory available; lower {flag}" + ("" if kv_cache else " or --batch"))
+
+
+def load_with_adapters(args: argparse.Namespace, adapters: list[tuple[str, float]],
+                       context: tuple[int, str, dict[str, Any]] | None = None) -> tuple[Any, str]:
     """Threads, device, model and unmerged adapters from the shared flags.
 
+    Before the weights load, the model's header is read to check `context` ((tokens, flag, options
+    for check_context)) and the adapters' shapes, so a wrong value fails in seconds.
     Returns the LoadedModel and a one-line summary for stderr.
     """
     from loraforge.generate import attach_adapters
-    from loraforge.loader import load_model
+    from loraforge.loader import load_model, resolve_model_path
     from loraforge.runtime import resolve_device, set_threads
 
     set_threads(args.threads)
     device = resolve_device(args.device)
+    if context is not None or adapters:
+        from loraforge.formats.adapters import load_adapters
+        from loraforge.merge import base_config
+
+        header_config = base_config(resolve_model_path(args.model))[0]
+        if context is not None:
+            tokens, flag, options = context
+            check_context(tokens, header_config, flag, device=device.type, **options)
+        load_adapters(adapters, header_config)
     started = time.perf_counter()
     loaded = load_model(args.model, base_dtype=args.base_dtype, device=device)
     attach_adapters(loaded.model, adapters, loaded.config)

@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, name) <= 0:
             raise LoraforgeError(f"--{name} must be positive, got {getattr(args, name)}")
     adapters = parse_lora_args(args.lora, args.lora_scaled)
-    loaded, _ = load_with_adapters(args, adapters)
+    loaded, _ = load_with_adapters(args, adapters, (args.ctx, "--ctx", {"batch": args.batch}))
     device = next(loaded.model.parameters()).device
     path = args.data or bundled_text()
     tok = loaded.tokenizer

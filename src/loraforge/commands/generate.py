@@ -79,7 +79,8 @@ def load_for_generation(args: argparse.Namespace, adapters: list[tuple[str, floa
     """
     from loraforge.commands.common import load_with_adapters
 
-    return load_with_adapters(args, adapters)
+    context = (args.ctx_size, "--ctx-size", {"kv_cache": True}) if args.ctx_size > 0 else None
+    return load_with_adapters(args, adapters, context)
 
 
 def template_from_args(args: argparse.Namespace, tokenizer: Any):
@@ -121,7 +122,12 @@ def read_prompt(args: argparse.Namespace) -> str:
 def context_size(args: argparse.Namespace, loaded: Any) -> int:
     from loraforge.generate import default_ctx_size
 
-    return args.ctx_size if args.ctx_size > 0 else default_ctx_size(loaded.config)
+    if args.ctx_size > 0:
+        from loraforge.commands.common import check_context
+
+        check_context(args.ctx_size, loaded.config, "--ctx-size", kv_cache=True)
+        return args.ctx_size
+    return default_ctx_size(loaded.config)
 
 
 # -- the command --------------------------------------------------------------------------------

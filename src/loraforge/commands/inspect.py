@@ -107,7 +107,7 @@ def _gguf_model(reader, meta: dict[str, Any], path: str) -> dict[str, Any]:
         "rope": rope,
         "parameters": sum(math.prod(t.shape) for t in reader.tensors if t.name != "rope_freqs.weight"),
         "file_type": _file_type(meta),
-        "tokenizer": _gguf_tokenizer(meta),
+        "tokenizer": _gguf_tokenizer(meta, path),
         "chat_template": meta.get("tokenizer.chat_template"),
     }
     if meta.get("loraforge.merged_adapters"):
@@ -129,7 +129,7 @@ def _file_type(meta: dict[str, Any]) -> str | None:
         return str(value)
 
 
-def _gguf_tokenizer(meta: dict[str, Any]) -> dict[str, Any] | None:
+def _gguf_tokenizer(meta: dict[str, Any], path: str) -> dict[str, Any] | None:
     tokens = meta.get("tokenizer.ggml.tokens")
     if meta.get("tokenizer.ggml.model") is None:
         return None
@@ -138,6 +138,8 @@ def _gguf_tokenizer(meta: dict[str, Any]) -> dict[str, Any] | None:
         i = meta.get(f"tokenizer.ggml.{key}")
         if i is None:
             return None
+        if not isinstance(i, int) or isinstance(i, bool):
+            raise file_error(path, f"tokenizer.ggml.{key} is {i!r}, not a token id")
         text = tokens[i] if tokens is not None and 0 <= int(i) < len(tokens) else None
         return {"id": int(i), "text": text}
 
@@ -191,12 +193,21 @@ def _module_ranks(tensors: dict[str, dict[str, Any]]) -> dict[str, list[int]]:
 
 
 def _gguf_checkpoint(reader, meta: dict[str, Any], path: str) -> dict[str, Any]:
+    """The fields shown of a checkpoint's JSON metadata, each checked for its type (a full check,
+    with the RNG states, is `train.checkpoint.parse_checkpoint_metadata` when resuming)."""
     raw = meta.get("loraforge.checkpoint")
+    if not isinstance(raw, str):
+        raise file_error(path, "damaged checkpoint metadata: loraforge.checkpoint is not a string")
     try:
-        state = json.loads(raw) if isinstance(raw, str) else {}
+        state = json.loads(raw)
     except json.JSONDecodeError as e:
         raise file_error(path, f"damaged checkpoint metadata ({e})") from None
-    train = state.get("state", {})
+    _expect(path, "the metadata", state, dict, "an object")
+    train = _expect(path, "state", state.get("state", {}), dict, "an object")
+    for key in ("iteration", "epoch", "tokens_seen"):
+        _expect(path, f"state.{key}", train.get(key, 0), int, "an integer")
+    _expect(path, "state.base_fingerprint", train.get("base_fingerprint", ""), str, "a string")
+    _expect(path, "lora", state.get("lora", {}), dict, "an object")
     return {
         "iteration": train.get("iteration"),
         "epoch": train.get("epoch"),
@@ -207,6 +218,13 @@ def _gguf_checkpoint(reader, meta: dict[str, Any], path: str) -> dict[str, Any]:
         "optimizer_tensors": sum(t.name.startswith("adam.") for t in reader.tensors),
         "run_spec": state.get("train_config") or None,  # the run spec of the run that wrote it
     }
+
+
+def _expect(path: str, where: str, value: Any, kind: type, expected: str) -> Any:
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    raise file_error(path, f"damaged checkpoint metadata: {where} is {type(value).__name__} "
+                           f"{json.dumps(value)[:40]}, expected {expected}")
 
 
 # --- Hugging Face folders ---------------------------------------------------------------------------

@@ -152,8 +152,19 @@ def _read_rows(path: str) -> Iterator[tuple[int, Any]]:
             else:
                 text = f.read()
                 yield from _read_json(text, path)
-    except UnicodeDecodeError as e:
-        raise file_error(path, f"not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except UnicodeDecodeError:
+        from loraforge.data.text import not_utf8_message
+
+        with open(path, "rb") as f:
+            raw = f.read()
+        if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+            raise file_error(path, "is UTF-16 text; convert it to UTF-8 first "
+                                   f"(e.g. iconv -f utf-16 -t utf-8 {path} > {path}.utf8)") from None
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise file_error(path, not_utf8_message(raw, e)) from None
+        raise
 
 
 def _read_jsonl(lines) -> Iterator[tuple[int, Any]]:

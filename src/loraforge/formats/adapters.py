@@ -76,15 +76,26 @@ def check_adapter(adapter: Adapter, cfg: ModelConfig | None, source: str) -> Non
             if int(b.shape[1]) != rank:
                 raise file_error(source, f"module {module}: lora_A has rank {rank}, lora_B {int(b.shape[1])}")
             continue
-        m = _LAYER_RE.match(module)
-        if m is not None and int(m.group(1)) >= cfg.num_hidden_layers:
-            raise file_error(source, f"module {module} is beyond the base model's {cfg.num_hidden_layers} "
-                                     "layers (an adapter for another model?)")
-        want_a, want_b = expected_ab_shapes(module, rank, cfg)
-        if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
-            raise file_error(source, f"module {module}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not "
-                                     f"fit the base model (expected {want_a} / {want_b}; an adapter for "
-                                     "another model?)")
+        check_pair_shapes(module, tuple(a.shape), tuple(b.shape), cfg, source)
+
+
+def check_pair_shapes(module: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...], cfg: ModelConfig,
+                      source: str) -> None:
+    """One line naming `source` when lora_A (r, in) / lora_B (out, r) (HF layout) of a known `module`
+    do not fit the base model `cfg`. Readers call it before any q/k row permutation."""
+    if not is_known_module(module):
+        raise file_error(source, f"unknown target module {module!r} (a llama-family adapter targets "
+                                 "q/k/v/o_proj, gate/up/down_proj, embed_tokens or lm_head)")
+    m = _LAYER_RE.match(module)
+    if m is not None and int(m.group(1)) >= cfg.num_hidden_layers:
+        raise file_error(source, f"module {module} is beyond the base model's {cfg.num_hidden_layers} "
+                                 "layers (an adapter for another model?)")
+    rank = int(a_shape[0]) if a_shape else 0
+    want_a, want_b = expected_ab_shapes(module, rank, cfg)
+    if tuple(a_shape) != want_a or tuple(b_shape) != want_b:
+        raise file_error(source, f"module {module}: lora_A {tuple(a_shape)} / lora_B {tuple(b_shape)} do not "
+                                 f"fit the base model (expected {want_a} / {want_b}; an adapter for "
+                                 "another model?)")
 
 
 def detect_format(path: str | os.PathLike) -> str:

@@ -84,7 +84,7 @@ def read_ggla(path: str | os.PathLike, cfg: ModelConfig) -> Adapter:
 
     Per-module alphas reproduce llama.cpp's header scaling alpha / r_header on every tensor.
     """
-    from loraforge.formats.adapters import check_adapter
+    from loraforge.formats.adapters import check_adapter, check_pair_shapes
 
     path = os.fspath(path)
     lora_r, lora_alpha, raw = read_ggla_tensors(path)
@@ -123,6 +123,11 @@ def read_ggla(path: str | os.PathLike, cfg: ModelConfig) -> Adapter:
             norm_deltas[hf] = torch.from_numpy(np.ascontiguousarray(delta, dtype=np.float32))
             continue
         module = hf[: -len(".weight")]
+        # shapes in HF layout, checked before the q/k un-permute (which needs the right row count)
+        if module == "model.embed_tokens":
+            check_pair_shapes(module, b.T.shape, a.shape, cfg, path)
+        else:
+            check_pair_shapes(module, a.T.shape, b.shape, cfg, path)
         heads = qk_heads(hf, cfg.num_attention_heads, cfg.num_key_value_heads)
         if permute and heads is not None:
             b = permute_qk_gguf_to_hf(b, heads)

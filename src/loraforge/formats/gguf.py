@@ -115,8 +115,11 @@ def open_reader(path: str | os.PathLike):
     """A gguf.GGUFReader, or a one-line error naming the file and what is wrong with it."""
     import gguf
 
+    from loraforge.formats.gguf_file import read_gguf
+
     path = os.fspath(path)
     open_reader_checks(path)
+    read_gguf(path)  # validates the whole header first: gguf-py's reader trusts counts and sizes
     try:
         # copy-on-write mapping: tensors are writable numpy arrays (torch.from_numpy needs that),
         # pages stay shared with the file until written, and the file itself is never modified
@@ -150,6 +153,9 @@ def read_model(path: str | os.PathLike) -> GGUFModel:
     tok_embd = next((t for t in gf.tensors if t.name == "token_embd.weight"), None)
     n_vocab = int(tok_embd.shape[0]) if tok_embd is not None else None
     cfg = ModelConfig.from_gguf_metadata(meta, path, n_vocab=n_vocab, has_output="output.weight" in names)
+    if 9 * cfg.num_hidden_layers + 2 > len(names):  # before lists of names are made for that many layers
+        raise file_error(path, f"the metadata says {cfg.num_hidden_layers} layers, but the file holds only "
+                               f"{len(names)} tensors (a llama layer has 9)")
     permute = needs_qk_permutation(meta["general.architecture"])
     tensors: dict[str, RawTensor] = {}
     for t in gf.tensors:
@@ -169,6 +175,9 @@ def read_model(path: str | os.PathLike) -> GGUFModel:
             raise file_error(path, f"unknown tensor {t.name!r} for architecture "
                                    f"{meta['general.architecture']!r}") from None
         heads = qk_heads(hf_name, cfg.num_attention_heads, cfg.num_key_value_heads)
+        if permute and heads is not None and (shape[0] != heads * cfg.head_dim or cfg.head_dim % 2):
+            raise file_error(path, f"tensor {t.name} has shape {shape}, which does not fit the metadata's "
+                                   f"{heads} heads of {cfg.head_dim} rows")
         tensors[hf_name] = RawTensor(qtype, shape, gf.data(t), heads if permute else None)
     _check_complete(cfg, tensors, path)
     return GGUFModel(cfg, meta, tensors, path)

@@ -115,7 +115,11 @@ def write_gguf_adapter(path: str | os.PathLike, adapter: Adapter, cfg: ModelConf
         arrays.append((base_name + ".lora_a", a.contiguous().numpy()))
         arrays.append((base_name + ".lora_b", b.contiguous().numpy()))
 
-    with atomic_path(path) as tmp:
+    from loraforge.formats.gguf_file import verify_written_gguf
+
+    value_bytes = {"f32": 4, "f16": 2, "bf16": 2, "q8_0": 1}[outtype]
+    with atomic_path(path, verify=verify_written_gguf,
+                     size_hint=sum(arr.size for _, arr in arrays) * value_bytes) as tmp:
         writer = gguf.GGUFWriter(tmp, arch=gguf_arch)
         writer.add_type("adapter")
         writer.add_string("adapter.type", "lora")
@@ -138,7 +142,7 @@ def write_gguf_adapter(path: str | os.PathLike, adapter: Adapter, cfg: ModelConf
         writer.close()
 
 
-def _as_float32(t) -> np.ndarray:
+def _as_float32(t, path: str) -> np.ndarray:
     """A reader tensor as float32 numpy in its numpy (reversed-ne) shape."""
     import gguf
 
@@ -146,7 +150,7 @@ def _as_float32(t) -> np.ndarray:
     try:
         values = gguf.quants.dequantize(np.asarray(t.data), gguf.GGMLQuantizationType(int(t.tensor_type)))
     except NotImplementedError:
-        raise LoraforgeError(f"tensor {t.name} has type {t.tensor_type.name}, which cannot be read") from None
+        raise file_error(path, f"tensor {t.name} has type {t.tensor_type.name}, which cannot be read") from None
     return np.array(values, dtype=np.float32).reshape(shape)
 
 
@@ -159,7 +163,7 @@ def _scalar(reader, key: str, default: Any = None) -> Any:
 
 def read_gguf_adapter(path: str | os.PathLike, cfg: ModelConfig | None = None) -> Adapter:
     """A GGUF LoRA (ours or any llama.cpp one) as an `Adapter` in HF layout, checked against `cfg`."""
-    from loraforge.formats.adapters import check_adapter
+    from loraforge.formats.adapters import check_adapter, check_pair_shapes
     from loraforge.formats.gguf import open_reader
 
     path = os.fspath(path)
@@ -193,7 +197,7 @@ def read_gguf_adapter(path: str | os.PathLike, cfg: ModelConfig | None = None) -
             raise file_error(path, f"tensor {name!r} targets {base!r}, unknown for architecture {arch!r}") from None
         if not hf.endswith(".weight") or hf.endswith("norm.weight"):
             raise file_error(path, f"tensor {name!r} targets {base!r}, which cannot take a LoRA")
-        pairs.setdefault(hf[: -len(".weight")], {})[which] = _as_float32(t)
+        pairs.setdefault(hf[: -len(".weight")], {})[which] = _as_float32(t, path)
 
     n_head = cfg.num_attention_heads if cfg else None
     n_kv = cfg.num_key_value_heads if cfg else None
@@ -207,6 +211,8 @@ def read_gguf_adapter(path: str | os.PathLike, cfg: ModelConfig | None = None) -
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
             raise file_error(path, f"{module}: lora_a {a.shape} and lora_b {b.shape} do not pair up "
                                    "(an old finetune adapter? convert it with `loraforge export`)")
+        if cfg is not None:  # before the q/k un-permute, which needs the right row count
+            check_pair_shapes(module, a.shape, b.shape, cfg, path)
         heads = qk_heads(module + ".", n_head or 0, n_kv or 0)
         if permute and heads is not None:
             if cfg is None:

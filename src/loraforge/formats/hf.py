@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 from typing import Iterator
 
 import torch
@@ -62,6 +64,37 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, dict]:
     return header
 
 
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str) -> None:
+    """safetensors' `save_file`, with an I/O failure raised as the OSError it is (safetensors reports
+    "I/O error: ... (os error 28)" as a SafetensorError), so that atomic writes report it in one line."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, path, metadata={"format": "pt"})
+    except SafetensorError as e:
+        found = re.search(r"\(os error (\d+)\)", str(e))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), path) from None
+
+
+def verify_written_safetensors(path: str | os.PathLike) -> None:
+    """Check a safetensors file just written: its header parses and the file ends where the last
+    tensor's data ends (a short write makes it shorter)."""
+    path = os.fspath(path)
+    size = os.path.getsize(path)
+    header = read_safetensors_header(path)
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+    offsets = [entry.get("data_offsets") for entry in header.values() if isinstance(entry, dict)]
+    ends = [pair[1] for pair in offsets if isinstance(pair, list) and len(pair) == 2]
+    want = 8 + n + max(ends, default=0)
+    if size != want:
+        raise file_error(path, f"written file has {size} bytes, its header says {want} (a short write)")
+
+
 def iter_tensors(folder: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for every weight, memory-mapped, one at a time."""
     from safetensors import SafetensorError, safe_open
@@ -84,33 +117,40 @@ def read_config(folder: str | os.PathLike) -> ModelConfig:
 
 def write_folder(folder: str | os.PathLike, cfg: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor]],
                  max_shard_bytes: int = 2 << 30) -> None:
-    """Write config.json and safetensors shards (+ index when more than one), streaming tensors."""
-    from safetensors.torch import save_file
+    """Write config.json and safetensors shards (+ index when more than one), streaming tensors.
 
+    Each shard is written atomically and checked; when a write fails, the shards this call
+    wrote that are not yet under their final names are removed again.
+    """
     from loraforge.atomic import atomic_path
 
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    sizes = [0]
+    shard: dict[str, torch.Tensor] = {}
+    shard_bytes = 0
     written: list[tuple[str, list[str]]] = []
 
-    def flush(last: bool) -> None:
-        idx = len(written) + 1
-        name = f"model-{idx:05d}.safetensors"
-        with atomic_path(os.path.join(folder, name)) as tmp:
-            save_file(shards[0], tmp, metadata={"format": "pt"})
-        written.append((name, list(shards[0])))
-        shards[0], sizes[0] = {}, 0
+    def flush() -> None:
+        name = f"model-{len(written) + 1:05d}.safetensors"
+        with atomic_path(os.path.join(folder, name), verify=verify_written_safetensors, size_hint=shard_bytes) as tmp:
+            save_safetensors(shard, tmp)
+        written.append((name, list(shard)))
 
-    for name, t in tensors:
-        nbytes = t.numel() * t.element_size()
-        if shards[0] and sizes[0] + nbytes > max_shard_bytes:
-            flush(False)
-        shards[0][name] = t.contiguous()
-        sizes[0] += nbytes
-    if shards[0] or not written:
-        flush(True)
+    try:
+        for name, t in tensors:
+            nbytes = t.numel() * t.element_size()
+            if shard and shard_bytes + nbytes > max_shard_bytes:
+                flush()
+                shard, shard_bytes = {}, 0
+            shard[name] = t.contiguous()
+            shard_bytes += nbytes
+        if shard or not written:
+            flush()
+    except BaseException:
+        for name, _ in written:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(folder, name))
+        raise
     total = len(written)
     if total == 1:
         only = written[0][0]

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from loraforge.atomic import atomic_path
+from loraforge.atomic import atomic_paths
 from loraforge.config import ModelConfig
 from loraforge.errors import LoraforgeError, file_error
 from loraforge.lora import ALL_TARGETS, Adapter
@@ -101,9 +101,8 @@ def write_peft(folder: str | os.PathLike, adapter: Adapter, cfg: ModelConfig, ba
     lora_dropout: recorded in the config (default: the adapter's own, from training, else 0).
     Both files are written atomically; on failure a folder this call created is removed again.
     """
-    from safetensors.torch import save_file
-
     from loraforge.formats.adapters import check_adapter
+    from loraforge.formats.hf import save_safetensors, verify_written_safetensors
 
     folder = os.fspath(folder)
     if dtype not in PEFT_DTYPES:
@@ -159,11 +158,14 @@ def write_peft(folder: str | os.PathLike, adapter: Adapter, cfg: ModelConfig, ba
     created = not os.path.isdir(folder)
     try:
         os.makedirs(folder, exist_ok=True)
-        with atomic_path(os.path.join(folder, WEIGHTS_NAME)) as tmp:
-            save_file(state, tmp, metadata={"format": "pt"})
-        with atomic_path(os.path.join(folder, CONFIG_NAME)) as tmp, open(tmp, "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2)
-            f.write("\n")
+        # both files are written and checked before either replaces a previous adapter's
+        with atomic_paths([os.path.join(folder, WEIGHTS_NAME), os.path.join(folder, CONFIG_NAME)],
+                          verify=[verify_written_safetensors],
+                          size_hint=sum(t.numel() * t.element_size() for t in state.values())) as (tmp_w, tmp_c):
+            save_safetensors(state, tmp_w)
+            with open(tmp_c, "w", encoding="utf-8") as f:
+                json.dump(config, f, indent=2)
+                f.write("\n")
     except BaseException:
         if created:
             shutil.rmtree(folder, ignore_errors=True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import base64
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -97,7 +97,9 @@ def save_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
     """Write the checkpoint atomically (a crash leaves the previous file intact)."""
     import gguf
 
-    with atomic_path(path) as tmp:
+    from loraforge.formats.gguf_file import verify_written_gguf
+
+    with atomic_path(path, verify=verify_written_gguf) as tmp:
         writer = gguf.GGUFWriter(tmp, arch=model_cfg.arch)
         writer.add_type(CHECKPOINT_TYPE)
         adam_step = 0.0
@@ -144,22 +146,91 @@ def _add_optimizer_state(writer, key: str, state: dict[str, Any], optim_meta: di
             optim_meta["scalars"].setdefault(key, {})[state_name] = value
 
 
+_INT_FIELDS = ("iteration", "epoch", "epoch_pos", "samples_seen", "tokens_seen", "n_items")
+
+
+def _damaged(path: str, where: str, problem: str) -> LoraforgeError:
+    return file_error(path, f"damaged checkpoint metadata: {where} {problem}")
+
+
+def _check_type(path: str, where: str, value: Any, kind: type | tuple[type, ...], expected: str) -> Any:
+    """`value` if it is of `kind` (bools are not numbers here), else a one-line error naming the field."""
+    if isinstance(value, kind) and not (isinstance(value, bool) and kind in (int, float, (int, float))):
+        return value
+    raise _damaged(path, where, f"is {type(value).__name__} {json.dumps(value)[:40]}, expected {expected}")
+
+
+def _decode_rng(path: str, where: str, value: Any, n_bytes: int | None) -> None:
+    _check_type(path, where, value, str, "a base64 string")
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except ValueError:
+        raise _damaged(path, where, "is not valid base64") from None
+    if n_bytes is not None and len(raw) != n_bytes:
+        raise _damaged(path, where, f"holds {len(raw)} bytes, a generator state has {n_bytes}")
+
+
+def parse_checkpoint_metadata(path: str, text: str) -> dict[str, Any]:
+    """The checkpoint's JSON metadata, every field checked for its type and range: a damaged or
+    hand-edited checkpoint is a one-line error naming the file and the field."""
+    try:
+        meta = json.loads(text)
+    except ValueError as e:
+        raise file_error(path, f"damaged checkpoint metadata (not JSON: {e})") from None
+    _check_type(path, "the metadata", meta, dict, "an object")
+    if meta.get("version") != FORMAT_VERSION:
+        raise file_error(path, f"checkpoint format version {meta.get('version')} is not supported")
+    state = _check_type(path, "state", meta.get("state"), dict, "an object")
+    known = {f.name for f in fields(TrainState)}
+    unknown = sorted(set(state) - known)
+    if unknown:
+        raise _damaged(path, f"state.{unknown[0]}", "is not a known field")
+    for name in _INT_FIELDS:
+        if name in state and _check_type(path, f"state.{name}", state[name], int, "an integer") < 0:
+            raise _damaged(path, f"state.{name}", f"is {state[name]}, expected >= 0")
+    if "seed" in state:
+        _check_type(path, "state.seed", state["seed"], int, "an integer")
+    for name in ("data_fingerprint", "base_fingerprint"):
+        if name in state:
+            _check_type(path, f"state.{name}", state[name], str, "a string")
+    if "elapsed_s" in state:
+        _check_type(path, "state.elapsed_s", state["elapsed_s"], (int, float), "a number")
+    if "extra" in state:
+        _check_type(path, "state.extra", state["extra"], dict, "an object")
+    _check_type(path, "lora", meta.get("lora"), dict, "an object")
+    _check_type(path, "adam_step", meta.get("adam_step", 0.0), (int, float), "a number")
+    rng = _check_type(path, "rng", meta.get("rng"), dict, "an object")
+    if "torch" not in rng:
+        raise _damaged(path, "rng", "lacks the torch generator state")
+    _decode_rng(path, "rng.torch", rng["torch"], torch.get_rng_state().numel())
+    if "cuda" in rng:
+        _decode_rng(path, "rng.cuda", rng["cuda"],
+                    torch.cuda.get_rng_state().numel() if torch.cuda.is_available() else None)
+    shape = _check_type(path, "model_shape", meta.get("model_shape", {}), dict, "an object")
+    for key, value in shape.items():
+        _check_type(path, f"model_shape.{key}", value, int, "an integer")
+    _check_type(path, "train_config", meta.get("train_config", {}), dict, "an object")
+    return meta
+
+
 def load_checkpoint(path: str) -> Checkpoint:
     """Read a checkpoint; a damaged or foreign file is a one-line error."""
+    import gguf
+
     from loraforge.formats.gguf import open_reader
 
     reader = open_reader(path)
     field_ = reader.fields.get(STATE_KEY)
     if field_ is None:
         raise file_error(path, "is a GGUF file but not a loraforge training checkpoint")
+    if field_.types != [gguf.GGUFValueType.STRING]:
+        raise _damaged(path, STATE_KEY, "is not a string")
+    meta = parse_checkpoint_metadata(path, bytes(field_.parts[field_.data[0]]).decode("utf-8", errors="replace"))
+    state = TrainState(**meta["state"])
     try:
-        meta = json.loads(bytes(field_.parts[field_.data[0]]).decode("utf-8"))
-        state = TrainState(**meta["state"])
         lora_cfg = LoraConfig.from_dict(meta["lora"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise file_error(path, f"damaged checkpoint metadata ({e})") from None
-    if meta.get("version") != FORMAT_VERSION:
-        raise file_error(path, f"checkpoint format version {meta.get('version')} is not supported")
+    except (ValueError, KeyError, TypeError, AttributeError, LoraforgeError) as e:
+        raise _damaged(path, "lora", f"is not a valid LoRA configuration ({e})") from None
     tensors: dict[str, torch.Tensor] = {}
     m: dict[str, torch.Tensor] = {}
     v: dict[str, torch.Tensor] = {}
@@ -175,6 +246,8 @@ def load_checkpoint(path: str) -> Checkpoint:
                 value = value.view(torch.uint8)
             optimizer_state.setdefault(key, {})[state_name] = value
             continue
+        if t.tensor_type != gguf.GGMLQuantizationType.F32:
+            raise file_error(path, f"checkpoint tensor {t.name} has type {t.tensor_type.name}, expected F32")
         arr = torch.from_numpy(np.array(t.data, dtype=np.float32))
         if t.name.startswith("lora."):
             tensors[t.name[5:]] = arr
@@ -183,8 +256,12 @@ def load_checkpoint(path: str) -> Checkpoint:
         elif t.name.startswith("adam.v."):
             v[t.name[7:]] = arr
     moments = {k: (m[k], v[k]) for k in m if k in v}
+    for key, (exp_avg, exp_avg_sq) in moments.items():
+        want = tuple(tensors[key].shape) if key in tensors else None
+        if tuple(exp_avg.shape) != want or tuple(exp_avg_sq.shape) != want:
+            raise file_error(path, f"checkpoint optimizer moments of {key} do not match its LoRA tensor")
     arch_field = reader.fields.get("general.architecture")
-    arch = bytes(arch_field.parts[arch_field.data[0]]).decode() if arch_field else "llama"
+    arch = bytes(arch_field.parts[arch_field.data[0]]).decode("utf-8", errors="replace") if arch_field else "llama"
     return Checkpoint(state, lora_cfg, tensors, moments, float(meta.get("adam_step", 0.0)), meta["rng"], arch,
                       meta.get("model_shape", {}), meta.get("train_config", {}),
                       optim_meta.get("name", "adamw_torch"), optimizer_state)
