@@ -8,6 +8,8 @@ import os
 import time
 from typing import Any
 
+from loraforge.errors import LoraforgeError
+
 BASE_DTYPE_CHOICES = ("auto", "f32", "f16", "bf16", "quantized")
 
 

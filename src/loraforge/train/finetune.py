@@ -173,7 +173,7 @@ class Finetune:
 
     # -- run ------------------------------------------------------------------------------------
     def run(self) -> int:
-        s, o = self.spec, self.spec.outputs
+        o = self.spec.outputs
         self.check_before_loading()
         with RunLock([o.checkpoint_out, o.lora_out, self.metrics_path]):
             remove_stale_temps([o.checkpoint_out, o.lora_out, self.metrics_path, self.plot_path], out)
