@@ -116,18 +116,34 @@ def write_tiny_tokenizer(folder: str | os.PathLike, vocab_size: int = TINY_CONFI
         {"bos_token": TINY_BOS, "eos_token": TINY_EOS, "add_bos_token": False}), encoding="utf-8")
 
 
+# transformers' (config, model) classes by our architecture name
+TINY_HF_CLASSES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"), "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM"),
+}
+# transformers' defaults that would make a tiny model big or hide what is tested (Gemma: head_dim 256,
+# a 4096-token window; Phi-3: pad token 32000)
+TINY_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gemma2": dict(head_dim=16, sliding_window=4096, query_pre_attn_scalar=16, pad_token_id=0),
+    "gemma3": dict(head_dim=16, sliding_window=4096, query_pre_attn_scalar=16, pad_token_id=0),
+    "phi3": dict(pad_token_id=0),
+}
+
+
 def make_tiny_hf_model(folder: str | os.PathLike, arch: str = "llama", seed: int = 0,
                        max_shard_size: str | None = None, **overrides: Any):
-    """Build a random transformers model (llama | mistral | qwen2), save it with safetensors and a
-    tokenizer into `folder`, and return it in eval mode (float32)."""
+    """Build a random transformers model (an `TINY_HF_CLASSES` architecture), save it with safetensors
+    and a tokenizer into `folder`, and return it in eval mode (float32). Attention runs "eager" (the
+    implementation that applies Gemma 2's soft-capping; the others give the same results either way)."""
     import torch
     import transformers
 
-    classes = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
-               "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}
-    config_cls, model_cls = (getattr(transformers, n) for n in classes[arch])
+    config_cls, model_cls = (getattr(transformers, n) for n in TINY_HF_CLASSES[arch])
     # deep copy: transformers writes rope_theta into a rope_scaling dict it is given
-    config = config_cls(**copy.deepcopy({**TINY_CONFIG, **overrides}))
+    config = config_cls(**copy.deepcopy({**TINY_CONFIG, **TINY_FAMILY_DEFAULTS.get(arch, {}), **overrides}))
+    config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = model_cls(config).eval()
     with torch.no_grad():  # random biases and norms, so that loading them wrongly shows
