@@ -159,6 +159,12 @@ def make_tiny_hf_model(folder: str | os.PathLike, arch: str = "llama", seed: int
 
 
 @pytest.fixture(scope="session")
+def tiny_tokenizer_writer() -> Callable[..., None]:
+    """`write_tiny_tokenizer(folder, vocab_size)`, for tests that write model folders of their own."""
+    return write_tiny_tokenizer
+
+
+@pytest.fixture(scope="session")
 def tiny_hf_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., tuple[Any, str]]:
     """factory(arch="llama", seed=0, max_shard_size=None, **config overrides) -> (transformers model,
     folder). Made once per distinct arguments in the session: do not modify the model or the folder."""

@@ -246,7 +246,7 @@ def merge_to_gguf(base_path: str, adapters: Sequence[tuple[Adapter, float]], out
     plan: list[_Planned] = []
     embd = None
     for t in gf.tensors:
-        hf = None if is_aux_gguf_tensor(t.name) or t.name == "rope_freqs.weight" else gguf_to_hf_name(t.name)
+        hf = None if is_aux_gguf_tensor(t.name) or t.name == "rope_freqs.weight" else gguf_to_hf_name(t.name, arch)
         modified = hf is not None and weight_delta_exists(adapters, hf)
         qtype = _target_type(outtype, t.qtype, t.shape, modified, notes) if hf else t.qtype
         plan.append(_Planned(t.name, t, hf, qtype, not modified and qtype == t.qtype, t.shape,

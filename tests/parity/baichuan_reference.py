@@ -15,7 +15,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -146,11 +146,11 @@ class BaichuanReference(nn.Module):
         return F.linear(x, F.normalize(self.lm_head.weight))
 
 
-def make_tiny_baichuan(folder: str | os.PathLike, n_layers: int, seed: int = 0, **config: Any) -> BaichuanReference:
-    """A random BaichuanReference (float32, eval, visible norm weights) saved as an HF folder."""
+def make_tiny_baichuan(folder: str | os.PathLike, write_tokenizer: Callable[..., None], n_layers: int,
+                       seed: int = 0, **config: Any) -> BaichuanReference:
+    """A random BaichuanReference (float32, eval, visible norm weights) saved as an HF folder, with the
+    tokenizer files `write_tokenizer(folder, vocab_size)` writes."""
     from safetensors.torch import save_file
-
-    from conftest import write_tiny_tokenizer
 
     c = baichuan_config(n_layers, **config)
     torch.manual_seed(seed)
@@ -166,5 +166,5 @@ def make_tiny_baichuan(folder: str | os.PathLike, n_layers: int, seed: int = 0, 
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
     (folder / "config.json").write_text(json.dumps(c), encoding="utf-8")
-    write_tiny_tokenizer(folder, c["vocab_size"])
+    write_tokenizer(folder, c["vocab_size"])
     return model

@@ -17,61 +17,20 @@ import torch
 
 pytest.importorskip("transformers")
 
-from baichuan_reference import ALIBI_LAYERS, ROPE_LAYERS, make_tiny_baichuan  # noqa: E402
+from family_cases import BAICHUAN_CASES, FAMILY_CASES  # noqa: E402
 from loraforge.loader import load_model  # noqa: E402
 from loraforge.model import CausalLM, KVCache  # noqa: E402
 
 pytestmark = pytest.mark.transformers
 
 TOL = 1e-5  # float32 both sides, same weights: summation-order rounding only
-LONGROPE = {"rope_type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(8)],
-            "long_factor": [2.0 + 0.5 * i for i in range(8)], "original_max_position_embeddings": 16}
-FAMILY_CASES = {
-    "qwen3": dict(arch="qwen3", head_dim=32),  # head_dim != hidden / heads, q/k norms, GQA
-    "qwen3-tied": dict(arch="qwen3", tie_word_embeddings=True),
-    "gemma2": dict(arch="gemma2", sliding_window=7, query_pre_attn_scalar=24),
-    # larger weights (initializer_range) so that scores and logits reach the caps' curved part
-    "gemma2-caps": dict(arch="gemma2", sliding_window=7, attn_logit_softcapping=0.5, final_logit_softcapping=1.0,
-                        query_pre_attn_scalar=24,
-                        initializer_range=0.2),
-    "gemma3": dict(arch="gemma3", sliding_window=7, num_hidden_layers=7, initializer_range=0.1),  # layer 5 global
-    "gemma3-scaled": dict(arch="gemma3", sliding_window=7, num_hidden_layers=7,
-                          rope_scaling={"rope_type": "linear", "factor": 8.0}),
-    "gemma3-capped": dict(arch="gemma3", sliding_window=7, num_hidden_layers=7, final_logit_softcapping=0.2),
-    "phi3": dict(arch="phi3"),
-    "phi3-window": dict(arch="phi3", sliding_window=7),
-    # transformers' Phi3Config takes original_max_position_embeddings at the top level
-    "phi3-longrope": dict(arch="phi3", max_position_embeddings=128, original_max_position_embeddings=16,
-                          rope_scaling=LONGROPE),  # 40 tokens > 16: long factors
-    "phi3-longrope-short": dict(arch="phi3", max_position_embeddings=512, original_max_position_embeddings=64,
-                                rope_scaling={**LONGROPE, "original_max_position_embeddings": 64}),
-    "phi3-partial": dict(arch="phi3", partial_rotary_factor=0.5),
-    "mistral-headdim": dict(arch="mistral", head_dim=32),  # Mistral-Nemo style
-}
-BAICHUAN_CASES = {"baichuan-7b": dict(n_layers=ROPE_LAYERS), "baichuan-13b": dict(n_layers=ALIBI_LAYERS),
-                  "baichuan-13b-6heads": dict(n_layers=ALIBI_LAYERS, n_heads=6, hidden=48)}
-
-
 def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
-@pytest.fixture(scope="module")
-def baichuan_factory(tmp_path_factory):
-    made = {}
-
-    def factory(case: str):
-        if case not in made:
-            folder = tmp_path_factory.mktemp(case)
-            made[case] = make_tiny_baichuan(folder, **BAICHUAN_CASES[case]), str(folder)
-        return made[case]
-
-    return factory
-
-
-def reference_and_ours(case: str, tiny_hf_factory, baichuan_factory):
+def reference_and_ours(case: str, family_factory):
     """(reference model, our model loaded from its folder in float32)."""
-    reference, folder = baichuan_factory(case) if case in BAICHUAN_CASES else tiny_hf_factory(**FAMILY_CASES[case])
+    reference, folder = family_factory(case)
     return reference, load_model(folder, base_dtype="f32").model
 
 
@@ -82,8 +41,8 @@ def reference_logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("case", list(FAMILY_CASES) + list(BAICHUAN_CASES))
-def test_logits_match_reference(case, tiny_hf_factory, baichuan_factory):
-    reference, ours = reference_and_ours(case, tiny_hf_factory, baichuan_factory)
+def test_logits_match_reference(case, family_factory):
+    reference, ours = reference_and_ours(case, family_factory)
     ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1))  # past windows, rope limits
     with torch.no_grad():
         mine = ours(ids)
@@ -91,28 +50,29 @@ def test_logits_match_reference(case, tiny_hf_factory, baichuan_factory):
     assert diff < TOL, f"{case}: max |logit diff| {diff:.3g}"
 
 
-def test_configs_read_as_the_families_are_built(tiny_hf_factory, baichuan_factory):
-    cfg = reference_and_ours("gemma3-scaled", tiny_hf_factory, baichuan_factory)[1].config
+def test_configs_read_as_the_families_are_built(family_factory):
+    cfg = reference_and_ours("gemma3-scaled", family_factory)[1].config
     assert (cfg.qk_norm, cfg.norm_offset, cfg.post_norms, cfg.scale_embeddings) == (True, 1.0, True, True)
     assert [cfg.layer_rope(i) for i in range(7)] == ["local"] * 5 + ["global", "local"]
     assert cfg.rope_local_theta == 10000.0 and cfg.rope_theta == 1e6 and cfg.rope_scaling["factor"] == 8.0
-    cfg = reference_and_ours("gemma2", tiny_hf_factory, baichuan_factory)[1].config
+    cfg = reference_and_ours("gemma2", family_factory)[1].config
     assert [cfg.layer_window(i) for i in range(3)] == [7, None, 7]
     assert (cfg.attn_logit_softcap, cfg.final_logit_softcap, cfg.query_pre_attn_scalar) == (50.0, 30.0, 24)
-    cfg = reference_and_ours("phi3-partial", tiny_hf_factory, baichuan_factory)[1].config
+    cfg = reference_and_ours("phi3-partial", family_factory)[1].config
     assert (cfg.fused_qkv, cfg.fused_gate_up, cfg.rotary_dim, cfg.head_dim) == ("qkv_proj", True, 8, 16)
-    cfg = reference_and_ours("phi3-longrope", tiny_hf_factory, baichuan_factory)[1].config
+    cfg = reference_and_ours("phi3-longrope", family_factory)[1].config
     assert cfg.rope_scaling["rope_type"] == "longrope"
     assert cfg.rope_scaling["attention_factor"] == pytest.approx((1 + torch.log(torch.tensor(8.0)).item()
                                                                  / torch.log(torch.tensor(16.0)).item()) ** 0.5)
     for case, alibi in (("baichuan-7b", False), ("baichuan-13b", True)):
-        cfg = reference_and_ours(case, tiny_hf_factory, baichuan_factory)[1].config
+        cfg = reference_and_ours(case, family_factory)[1].config
         assert (cfg.fused_qkv, cfg.alibi, cfg.norm_head) == ("W_pack", alibi, True)
 
 
 SWITCHES = {  # case: config changes that must move the logits (proof that each switch is exercised)
     "gemma2-caps": [dict(attn_logit_softcap=None), dict(final_logit_softcap=None), dict(norm_offset=0.0),
-                    dict(scale_embeddings=False), dict(query_pre_attn_scalar=None)],
+                    dict(scale_embeddings=False)],
+    "gemma2": [dict(query_pre_attn_scalar=None)],
     "gemma3": [dict(rope_local_theta=None), dict(sliding_window=None, layer_types=None), dict(qk_norm=False),
                dict(post_norms=False)],
     "phi3-longrope": [dict(rope_scaling=None)],
@@ -122,8 +82,8 @@ SWITCHES = {  # case: config changes that must move the logits (proof that each 
 
 
 @pytest.mark.parametrize("case", list(SWITCHES))
-def test_each_switch_changes_the_logits(case, tiny_hf_factory, baichuan_factory):
-    _, ours = reference_and_ours(case, tiny_hf_factory, baichuan_factory)
+def test_each_switch_changes_the_logits(case, family_factory):
+    _, ours = reference_and_ours(case, family_factory)
     ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         base = ours(ids)
@@ -142,8 +102,8 @@ KV_CASES = ["qwen3", "gemma2-caps", "gemma3", "phi3-partial", "phi3-window", "ba
 
 
 @pytest.mark.parametrize("case", KV_CASES)
-def test_kv_cache_decoding_equals_full_forward(case, tiny_hf_factory, baichuan_factory):
-    reference, model = reference_and_ours(case, tiny_hf_factory, baichuan_factory)
+def test_kv_cache_decoding_equals_full_forward(case, family_factory):
+    reference, model = reference_and_ours(case, family_factory)
     ids = torch.randint(0, 256, (2, 30), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         full = model(ids)
@@ -156,8 +116,8 @@ def test_kv_cache_decoding_equals_full_forward(case, tiny_hf_factory, baichuan_f
 
 
 @pytest.mark.parametrize("case", KV_CASES)
-def test_packed_doc_ids_equal_separate_forwards(case, tiny_hf_factory, baichuan_factory):
-    reference, model = reference_and_ours(case, tiny_hf_factory, baichuan_factory)
+def test_packed_doc_ids_equal_separate_forwards(case, family_factory):
+    reference, model = reference_and_ours(case, family_factory)
     gen = torch.Generator().manual_seed(6)
     lengths = [[9, 5, 10], [17, 7]]  # two packed rows of 24 tokens
     docs = [[torch.randint(0, 256, (n,), generator=gen) for n in row] for row in lengths]
