@@ -120,13 +120,20 @@ class BaichuanReference(nn.Module):
     """Baichuan 2 (7B layout with RoPE unless the config has 40 layers: 13B layout with ALiBi)."""
 
     def __init__(self, c: dict[str, Any]) -> None:
+        from transformers import PretrainedConfig
+
         super().__init__()
-        self.config = c
+        self.hparams = c
+        self.config = PretrainedConfig(**c)  # what peft's wrapper reads (model_type ...)
         self.model = _Body(c)
         self.lm_head = nn.Linear(c["hidden_size"], c["vocab_size"], bias=False)  # NormHead's weight
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        c = self.config
+    def prepare_inputs_for_generation(self, input_ids: torch.Tensor, **_: Any) -> dict[str, torch.Tensor]:
+        """(peft's causal-LM wrapper asks for it; generation is not used here)"""
+        return {"input_ids": input_ids}
+
+    def forward(self, input_ids: torch.Tensor, **_: Any) -> torch.Tensor:
+        c = self.hparams
         t = input_ids.shape[1]
         heads, d = c["num_attention_heads"], c["hidden_size"] // c["num_attention_heads"]
         causal = torch.full((t, t), float("-inf")).triu(1)
