@@ -8,6 +8,7 @@ layer count (Gemma's 27B attention scale, Baichuan 13B's ALiBi).
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Collection, Mapping
 
@@ -313,7 +314,7 @@ def config_to_hf_dict(cfg: ModelConfig) -> dict[str, Any]:
         "head_dim": cfg.head_dim,
         "rms_norm_eps": cfg.rms_norm_eps,
         "rope_theta": cfg.rope_theta,
-        "rope_scaling": cfg.rope_scaling,
+        "rope_scaling": copy.deepcopy(cfg.rope_scaling),  # (transformers writes into the dict it is given)
         "max_position_embeddings": cfg.max_position_embeddings,
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "hidden_act": cfg.hidden_act,
