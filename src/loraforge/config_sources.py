@@ -251,7 +251,7 @@ def config_from_gguf(meta: Mapping[str, Any], source: str, n_vocab: int | None =
                             rope_local_theta=float(meta.get(f"{arch}.rope.freq_base_swa", 10000.0)))
     if gemma:  # llama.cpp: 1/sqrt(head_dim), except the 27B models' 1/sqrt(hidden/heads)
         big = n_layers == (46 if arch == "gemma2" else 62)
-        switches.update(query_pre_attn_scalar=float(hidden // heads if big else head_dim), norm_offset=1.0,
+        switches.update(query_pre_attn_scalar=hidden // heads if big else head_dim, norm_offset=1.0,
                         post_norms=True, scale_embeddings=True, hidden_act="gelu_pytorch_tanh")
     if arch == "baichuan":  # llama.cpp: the 40-layer (13B) model uses ALiBi (max bias 8) and no RoPE
         switches.update(alibi=n_layers == 40)
@@ -318,6 +318,7 @@ def config_to_hf_dict(cfg: ModelConfig) -> dict[str, Any]:
         "max_position_embeddings": cfg.max_position_embeddings,
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "hidden_act": cfg.hidden_act,
+        "pad_token_id": None,  # (no class default such as Phi-3's 32000 beyond a small vocabulary)
         "torch_dtype": "float32",
     }
     if cfg.arch in ("llama", "qwen3", "gemma2", "gemma3"):
@@ -336,8 +337,9 @@ def config_to_hf_dict(cfg: ModelConfig) -> dict[str, Any]:
     if cfg.layer_types is not None:
         d["layer_types"] = list(cfg.layer_types)
     if cfg.arch in ("gemma2", "gemma3"):
-        d.update(hidden_activation=cfg.hidden_act, query_pre_attn_scalar=cfg.query_pre_attn_scalar,
-                 final_logit_softcapping=cfg.final_logit_softcap)
+        scalar = cfg.query_pre_attn_scalar
+        d.update(hidden_activation=cfg.hidden_act, final_logit_softcapping=cfg.final_logit_softcap,
+                 query_pre_attn_scalar=int(scalar) if scalar is not None and float(scalar).is_integer() else scalar)
         if cfg.arch == "gemma2":
             d["attn_logit_softcapping"] = cfg.attn_logit_softcap
         elif cfg.rope_local_theta is not None:

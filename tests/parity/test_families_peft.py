@@ -11,6 +11,7 @@ Baichuan read from GGUF has llama.cpp's attn_q/k/v: its adapter is written for H
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -82,8 +83,6 @@ def test_baichuan_gguf_adapter_goes_to_peft_as_w_pack(family_factory, family_ggu
     adapter = random_adapter(ours.config, ["self_attn.q_proj", "self_attn.v_proj", "mlp.up_proj"], rank=4, seed=6,
                              std=0.2, alpha=8.0, ranks={"model.layers.2.self_attn.v_proj": 2})
     write_peft(tmp_path / "peft", adapter, ours.config)
-    import json
-
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert sorted(config["target_modules"]) == ["W_pack", "up_proj"]
     ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(7))
@@ -94,3 +93,33 @@ def test_baichuan_gguf_adapter_goes_to_peft_as_w_pack(family_factory, family_ggu
     mine = logits(ours.model, ids)
     assert float(np.abs(theirs - base).max()) > 100 * TOL
     assert float(np.abs(theirs - mine).max()) < TOL
+
+
+@pytest.mark.parametrize("case", ["gemma3", "phi3-longrope", "baichuan-7b"])
+def test_gguf_merges_to_a_working_hf_folder(case, family_factory, family_gguf, tmp_path):
+    """`loraforge merge --to hf` from each family's GGUF: Gemma's norms lose the converter's + 1, Phi-3
+    keeps LongRoPE, Baichuan's attn_q/k/v are stacked back into W_pack; transformers (Baichuan: the
+    reference) loads the folder and gives the GGUF model's logits."""
+    from safetensors import safe_open
+
+    from loraforge.cli import main
+
+    reference, _ = family_factory(case)
+    out = tmp_path / "hf"
+    assert main(["merge", "-m", family_gguf(case), "--to", "hf", "-o", str(out), "--outtype", "f32"]) == 0
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(8))
+    ours = logits(load_model(family_gguf(case), base_dtype="f32").model, ids)
+    if case.startswith("baichuan"):
+        with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}
+        assert "model.layers.0.self_attn.W_pack.weight" in state and json.loads((out / "config.json").read_text()
+                                                                                )["model_type"] == "baichuan"
+        model = copy.deepcopy(reference)
+        model.load_state_dict(state)
+    else:
+        import transformers
+
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32,
+                                                                  attn_implementation="eager").eval()
+    assert float(np.abs(logits(model, ids) - ours).max()) < 1e-5
+    assert float(np.abs(logits(load_model(str(out), base_dtype="f32").model, ids) - ours).max()) < 1e-5
