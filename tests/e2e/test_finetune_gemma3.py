@@ -12,6 +12,8 @@ import torch
 
 from loraforge.cli import main
 
+pytestmark = pytest.mark.slow
+
 PROMPT = "ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet is the sun."
 
 
@@ -30,21 +32,22 @@ def trained(tmp_path_factory, gemma3_path, shakespeare_text) -> tuple[Path, str]
 
 
 @pytest.fixture(scope="module")
-def gemma3_dense(gemma3_path):
-    """The base dequantized to float32 (adapters get attached and switched off again by the tests)."""
+def gemma3_resident(gemma3_path):
+    """The base kept quantized (Q4_K, Q5_0, Q6_K, Q8_0 blocks decoded per matmul); adapters get attached
+    and switched off again by the tests."""
     from loraforge.loader import load_model
 
-    return load_model(gemma3_path, "f32")
+    return load_model(gemma3_path, "quantized")
 
 
-def test_short_finetune_lowers_held_out_loss(trained, gemma3_dense):
+def test_short_finetune_lowers_held_out_loss(trained, gemma3_resident):
     from loraforge.data.text import TextSampleOptions, TextSamples
     from loraforge.formats.adapters import load_adapter
     from loraforge.lora import attach, set_scale
     from loraforge.train.evaluate import evaluate_source
 
     adapter_path, heldout = trained
-    loaded = gemma3_dense
+    loaded = gemma3_resident
     tok = loaded.tokenizer
     ids = tok.encode(heldout, add_bos=False, parse_special=False)
     samples = TextSamples(ids, 32, tok.bos_id, tok.eos_id, loaded.config.vocab_size, TextSampleOptions(), batch_size=8)
@@ -60,8 +63,8 @@ def test_short_finetune_lowers_held_out_loss(trained, gemma3_dense):
     assert after < before - 0.15
 
 
-def test_adapter_moves_llamacpp_like_ours(trained, gemma3_path, gemma3_dense):
-    """llama.cpp (Q4_K_M, Q8 activations) and we (Q4_K_M dequantized, float32 activations) each carry
+def test_adapter_moves_llamacpp_like_ours(trained, gemma3_path, gemma3_resident):
+    """llama.cpp (Q4_K_M, Q8 activations) and we (Q4_K_M resident, float32 activations) each carry
     their own ~0.15 logit noise (see tests/parity/test_gemma3_270m.py); the adapter's effect
     (adapter minus base logits) is compared: correlation and mean absolute difference."""
     llama_cpp = pytest.importorskip("llama_cpp")
@@ -82,7 +85,7 @@ def test_adapter_moves_llamacpp_like_ours(trained, gemma3_path, gemma3_dense):
 
     ids, base_cpp = llama_logits(None)
     _, lora_cpp = llama_logits(str(adapter_path))
-    loaded = gemma3_dense
+    loaded = gemma3_resident
     assert loaded.tokenizer.encode(PROMPT) == ids
     x = torch.tensor([ids])
     adapter = load_adapter(adapter_path, loaded.config)

@@ -27,7 +27,7 @@ llama_cpp = pytest.importorskip("llama_cpp")
 from adapter_models import LlamaCpp  # noqa: E402
 from loraforge.loader import load_model  # noqa: E402
 
-pytestmark = pytest.mark.llamacpp
+pytestmark = [pytest.mark.llamacpp, pytest.mark.slow]
 
 N_TOKENS = 256
 TEXTS = ["Hello world", " leading space", "Shall I compare thee to a summer's day?\nThou art more lovely",
