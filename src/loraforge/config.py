@@ -11,20 +11,22 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 from loraforge.errors import LoraforgeError, file_error
 
-# GGUF `general.architecture` / HF `model_type` values we run with the one decoder.
-GGUF_ARCHES = ("llama", "mistral", "qwen2")
-HF_MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 
 
 @dataclass
 class ModelConfig:
-    """Numbers of a llama-family decoder (HF config.json names)."""
+    """Numbers of a llama-family decoder (HF config.json names) and the switches of each family.
 
-    arch: str = "llama"  # "llama" | "mistral" | "qwen2"
+    The switches say what the decoder does, not which family it is: `model.py` branches on them
+    only. `config_sources.py` sets them from config.json or GGUF metadata.
+    """
+
+    arch: str = "llama"  # GGUF architecture name: llama mistral qwen2 qwen3 gemma2 gemma3 phi3 baichuan
     vocab_size: int = 32000
     hidden_size: int = 4096
     intermediate_size: int = 11008
@@ -34,13 +36,27 @@ class ModelConfig:
     head_dim: int = 0  # 0 = hidden_size // num_attention_heads
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_scaling: dict[str, Any] | None = None  # {"rope_type": "llama3"|"linear", "factor": ...}
+    rope_scaling: dict[str, Any] | None = None  # {"rope_type": "llama3"|"linear"|"longrope", ...}
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # q/k/v biases (Qwen2; Llama with attention_bias)
     o_proj_bias: bool = False  # output projection bias (Llama with attention_bias)
     sliding_window: int | None = None  # keys within the last `sliding_window` positions (Mistral v0.1)
     layer_types: list[str] | None = None  # per layer "full_attention"|"sliding_attention"; None = all
+    hidden_act: str = "silu"  # MLP gate activation: "silu" | "gelu_pytorch_tanh" (Gemma)
+    qk_norm: bool = False  # RMSNorm of each q and k head before RoPE (self_attn.q_norm / k_norm)
+    norm_offset: float = 0.0  # RMSNorm scales by (norm_offset + weight): 1.0 for Gemma
+    post_norms: bool = False  # norms on the attention and MLP outputs too (Gemma 2/3 "sandwich")
+    scale_embeddings: bool = False  # embeddings times sqrt(hidden_size), rounded to their dtype (Gemma)
+    attn_logit_softcap: float | None = None  # attention scores -> cap * tanh(scores / cap) (Gemma 2)
+    final_logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
+    query_pre_attn_scalar: float | None = None  # attention scale query_pre_attn_scalar ** -0.5; None: head_dim
+    rope_local_theta: float | None = None  # RoPE base of sliding-window layers, unscaled (Gemma 3)
+    rotary_dim: int = 0  # leading dims of each head that RoPE turns; 0 = head_dim (partial rotary)
+    fused_qkv: str | None = None  # one module with q, k, v rows stacked: "qkv_proj" (Phi-3) | "W_pack"
+    fused_gate_up: bool = False  # one mlp.gate_up_proj with gate rows, then up rows (Phi-3)
+    alibi: bool = False  # ALiBi attention biases instead of RoPE (Baichuan 2 13B)
+    norm_head: bool = False  # lm_head rows L2-normalised when loaded from an HF folder (Baichuan 2)
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     name: str = ""
@@ -49,10 +65,15 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.head_dim == 0:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.rotary_dim == 0:
+            self.rotary_dim = self.head_dim
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads", "num_key_value_heads", "head_dim"):
             if getattr(self, key) <= 0:
                 raise LoraforgeError(f"model config: {key} must be positive, got {getattr(self, key)}")
+        if self.rotary_dim > self.head_dim or self.rotary_dim % 2:
+            raise LoraforgeError(f"model config: rotary dimension {self.rotary_dim} must be even and at most "
+                                 f"head_dim {self.head_dim}")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise LoraforgeError(f"model config: sliding_window must be positive, got {self.sliding_window}")
         if self.layer_types is not None:
@@ -64,6 +85,11 @@ class ModelConfig:
             raise LoraforgeError(
                 f"model config: {self.num_attention_heads} attention heads are not a multiple of "
                 f"{self.num_key_value_heads} key/value heads")
+        if self.hidden_act not in ACTIVATIONS:
+            raise LoraforgeError(f"model config: activation {self.hidden_act!r} is not supported "
+                                 f"({', '.join(ACTIVATIONS)})")
+        if self.fused_qkv not in (None, "qkv_proj", "W_pack"):
+            raise LoraforgeError(f"model config: unknown fused q/k/v module {self.fused_qkv!r}")
 
     @property
     def q_size(self) -> int:
@@ -81,6 +107,16 @@ class ModelConfig:
             return None
         return self.sliding_window
 
+    def layer_rope(self, layer: int) -> str:
+        """Which RoPE table a layer uses: "local" (sliding layers with their own base) or "global"."""
+        if self.rope_local_theta is not None and self.layer_window(layer) is not None:
+            return "local"
+        return "global"
+
+    def attention_scale(self) -> float:
+        """The factor on q.k scores (1/sqrt(head_dim) unless query_pre_attn_scalar says otherwise)."""
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
     def n_matmul_params(self) -> int:
         """Parameters that take part in matmuls per token (decoder linears + LM head)."""
         h, f = self.hidden_size, self.intermediate_size
@@ -88,91 +124,16 @@ class ModelConfig:
         return self.num_hidden_layers * per_layer + h * self.vocab_size
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """A config.json for transformers (`LlamaForCausalLM` / `MistralForCausalLM` / `Qwen2ForCausalLM`)."""
-        arch_class = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                      "qwen2": "Qwen2ForCausalLM"}[self.arch]
-        d = {
-            "architectures": [arch_class],
-            "model_type": self.arch,
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_hidden_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads,
-            "head_dim": self.head_dim,
-            "rms_norm_eps": self.rms_norm_eps,
-            "rope_theta": self.rope_theta,
-            "rope_scaling": self.rope_scaling,
-            "max_position_embeddings": self.max_position_embeddings,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "hidden_act": "silu",
-            "torch_dtype": "float32",
-        }
-        if self.arch == "llama":
-            d["attention_bias"] = self.attention_bias
-            d["mlp_bias"] = False
-        if self.arch == "mistral":
-            d["sliding_window"] = self.sliding_window
-        if self.arch == "qwen2":
-            d["use_sliding_window"] = self.sliding_window is not None
-            d["sliding_window"] = self.sliding_window
-            if self.sliding_window is not None:
-                types = self.layer_types or ["sliding_attention"] * self.num_hidden_layers
-                d["layer_types"] = list(types)
-                d["max_window_layers"] = next(
-                    (i for i, t in enumerate(types) if t == "sliding_attention"), self.num_hidden_layers)
-        if self.bos_token_id is not None:
-            d["bos_token_id"] = self.bos_token_id
-        if self.eos_token_id is not None:
-            d["eos_token_id"] = self.eos_token_id
-        return d
+        """A config.json for transformers (`LlamaForCausalLM`, `Gemma3ForCausalLM`, ...)."""
+        from loraforge.config_sources import config_to_hf_dict
+
+        return config_to_hf_dict(self)
 
     @classmethod
     def from_hf_dict(cls, d: Mapping[str, Any], source: str = "config.json") -> "ModelConfig":
-        model_type = d.get("model_type", "")
-        if model_type not in HF_MODEL_TYPES:
-            raise file_error(source, f"model_type {model_type!r} is not supported "
-                                     f"(supported: {', '.join(HF_MODEL_TYPES)})")
-        if d.get("hidden_act", "silu") not in ("silu", "swish"):
-            raise file_error(source, f"hidden_act {d.get('hidden_act')!r} is not supported (silu only)")
-        if d.get("mlp_bias"):
-            raise file_error(source, "mlp_bias is not supported")
-        try:
-            heads = int(d["num_attention_heads"])
-            hidden = int(d["hidden_size"])
-            rope_theta, rope_scaling = _hf_rope(d, source)
-            if model_type == "llama":
-                attention_bias = o_proj_bias = bool(d.get("attention_bias", False))
-            else:  # Qwen2 always has q/k/v biases, Mistral none
-                attention_bias, o_proj_bias = model_type == "qwen2", False
-            sliding_window, layer_types = _hf_sliding_window(d, model_type, int(d["num_hidden_layers"]))
-            return cls(
-                arch=HF_MODEL_TYPES[model_type],
-                vocab_size=int(d["vocab_size"]),
-                hidden_size=hidden,
-                intermediate_size=int(d["intermediate_size"]),
-                num_hidden_layers=int(d["num_hidden_layers"]),
-                num_attention_heads=heads,
-                num_key_value_heads=int(d.get("num_key_value_heads") or heads),
-                head_dim=int(d.get("head_dim") or hidden // heads),
-                rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-                rope_theta=rope_theta,
-                rope_scaling=rope_scaling,
-                max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
-                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-                attention_bias=attention_bias,
-                o_proj_bias=o_proj_bias,
-                sliding_window=sliding_window,
-                layer_types=layer_types,
-                bos_token_id=d.get("bos_token_id"),
-                eos_token_id=d.get("eos_token_id"),
-                name=str(d.get("_name_or_path", "")),
-            )
-        except KeyError as e:
-            raise file_error(source, f"missing key {e.args[0]!r}") from None
-        except (TypeError, ValueError) as e:
-            raise file_error(source, f"bad value: {e}") from None
+        from loraforge.config_sources import config_from_hf_dict
+
+        return config_from_hf_dict(d, source)
 
     @classmethod
     def from_hf_folder(cls, folder: str | os.PathLike) -> "ModelConfig":
@@ -188,12 +149,16 @@ class ModelConfig:
 
     @classmethod
     def from_gguf_metadata(cls, meta: Mapping[str, Any], source: str, n_vocab: int | None = None,
-                           has_output: bool = True) -> "ModelConfig":
-        """Numbers from GGUF keys (`{arch}.embedding_length` ...). `has_output`: an output.weight exists.
+                           has_output: bool = True, tensor_names: Collection[str] | None = None
+                           ) -> "ModelConfig":
+        """Numbers from GGUF keys (`{arch}.embedding_length` ...). `has_output`: an output.weight exists;
+        `tensor_names`: the file's tensors, which tell biases, q/k norms and fused projections apart.
 
         A value of the wrong type or out of range is a one-line error naming `source`."""
+        from loraforge.config_sources import config_from_gguf
+
         try:
-            return cls._from_gguf_metadata(meta, source, n_vocab, has_output)
+            return config_from_gguf(meta, source, n_vocab, has_output, tensor_names)
         except LoraforgeError as e:
             if str(e).startswith(f"{source}: "):
                 raise
@@ -201,111 +166,29 @@ class ModelConfig:
         except (TypeError, ValueError, OverflowError, ZeroDivisionError, IndexError) as e:
             raise file_error(source, f"GGUF metadata value of the wrong type or out of range ({e})") from None
 
-    @classmethod
-    def _from_gguf_metadata(cls, meta: Mapping[str, Any], source: str, n_vocab: int | None,
-                            has_output: bool) -> "ModelConfig":
-        arch = meta.get("general.architecture")
-        if arch not in GGUF_ARCHES:
-            raise file_error(source, f"architecture {arch!r} is not supported "
-                                     f"(supported: {', '.join(GGUF_ARCHES)})")
-
-        def key(name: str, default: Any = None) -> Any:
-            v = meta.get(f"{arch}.{name}", default)
-            if v is None:
-                raise file_error(source, f"GGUF metadata lacks {arch}.{name}")
-            return v
-
-        hidden = int(key("embedding_length"))
-        heads = int(key("attention.head_count"))
-        kv_heads = meta.get(f"{arch}.attention.head_count_kv", heads)
-        if isinstance(kv_heads, list):
-            kv_heads = kv_heads[0]
-        head_dim = int(meta.get(f"{arch}.attention.key_length", 0) or meta.get(f"{arch}.rope.dimension_count", 0)
-                       or hidden // heads)
-        vocab = meta.get(f"{arch}.vocab_size") or n_vocab or len(meta.get("tokenizer.ggml.tokens", []))
-        ff = key("feed_forward_length")
-        if isinstance(ff, list):
-            ff = ff[0]
-        rope_scaling = None
-        scaling_type = meta.get(f"{arch}.rope.scaling.type")
-        factor = meta.get(f"{arch}.rope.scaling.factor")
-        if scaling_type == "linear" and factor and float(factor) != 1.0:
-            rope_scaling = {"rope_type": "linear", "factor": float(factor)}
-        elif scaling_type not in (None, "none", "linear"):
-            raise file_error(source, f"rope scaling type {scaling_type!r} is not supported")
-        # Llama 3.1+ files carry the precomputed llama3 factors as a rope_freqs tensor instead;
-        # the loader reads that tensor and passes it as extra["rope_freqs"].
-        eos = meta.get("tokenizer.ggml.eos_token_id")
-        return cls(
-            arch="qwen2" if arch == "qwen2" else arch,
-            vocab_size=int(vocab),
-            hidden_size=hidden,
-            intermediate_size=int(ff),
-            num_hidden_layers=int(key("block_count")),
-            num_attention_heads=heads,
-            num_key_value_heads=int(kv_heads),
-            head_dim=head_dim,
-            rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
-            rope_scaling=rope_scaling,
-            max_position_embeddings=int(meta.get(f"{arch}.context_length", 2048)),
-            tie_word_embeddings=not has_output,
-            attention_bias=arch == "qwen2",
-            bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-            eos_token_id=eos,
-            name=str(meta.get("general.name", "")),
-        )
-
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
 
-def _hf_rope(d: Mapping[str, Any], source: str) -> tuple[float, dict[str, Any] | None]:
-    """(rope_theta, rope_scaling or None) from transformers 4 (`rope_theta` + `rope_scaling`) or
-    transformers 5 (`rope_parameters`, which holds both) config keys."""
-    params = d.get("rope_parameters")
-    params = dict(params) if isinstance(params, Mapping) else {}
-    scaling = d.get("rope_scaling")
-    scaling = dict(scaling) if isinstance(scaling, Mapping) else {}
-    theta = d.get("rope_theta", params.get("rope_theta", scaling.get("rope_theta", 10000.0)))
-    merged = {**params, **scaling}
-    rope_type = merged.get("rope_type", merged.get("type", "default"))
-    if rope_type == "default":
-        return float(theta), None
-    merged.pop("rope_theta", None)
-    merged["rope_type"] = rope_type
-    if rope_type not in ("linear", "llama3"):
-        raise file_error(source, f"rope scaling type {rope_type!r} is not supported (supported: linear, llama3)")
-    return float(theta), merged
+def rope_inv_freq(cfg: ModelConfig, kind: str = "global") -> "torch.Tensor":  # noqa: F821
+    """Inverse frequencies (rotary_dim/2,) float32 of one RoPE table.
 
-
-def _hf_sliding_window(d: Mapping[str, Any], model_type: str, n_layers: int
-                       ) -> tuple[int | None, list[str] | None]:
-    """(sliding_window, layer_types) as transformers applies them."""
-    window = d.get("sliding_window")
-    if model_type == "llama" or window is None:
-        return None, None
-    if model_type == "qwen2":
-        if not d.get("use_sliding_window", False):
-            return None, None
-        types = d.get("layer_types")
-        if types is None:
-            first = int(d.get("max_window_layers", n_layers))
-            types = ["sliding_attention" if i >= first else "full_attention" for i in range(n_layers)]
-        return int(window), list(types)
-    types = d.get("layer_types")
-    return int(window), list(types) if types is not None else None
-
-
-def rope_inv_freq(cfg: ModelConfig) -> "torch.Tensor":  # noqa: F821
-    """Inverse frequencies (head_dim/2,) with the config's rope scaling applied (fp32)."""
+    kind "global": rope_theta with the config's scaling (llama3, linear, or LongRoPE's short
+    factors); "local": rope_local_theta, unscaled (Gemma 3's sliding layers); "long": LongRoPE's
+    long factors, used when a sequence runs past original_max_position_embeddings.
+    """
     import torch
 
-    dim = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    dim = cfg.rotary_dim
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    if kind == "local":
+        return (1.0 / (cfg.rope_local_theta ** exponents)).float()
+    inv_freq = 1.0 / (cfg.rope_theta ** exponents)
     rope_freqs = cfg.extra.get("rope_freqs")
     scaling = cfg.rope_scaling or {}
     rope_type = scaling.get("rope_type", scaling.get("type"))
+    if kind == "long" and rope_type != "longrope":
+        raise LoraforgeError("internal: a long RoPE table exists for LongRoPE only")
     if rope_freqs is not None:  # GGUF: per-frequency divisors already computed (llama3)
         inv_freq = inv_freq / torch.as_tensor(rope_freqs, dtype=torch.float32)
     elif rope_type == "linear":
@@ -322,6 +205,25 @@ def rope_inv_freq(cfg: ModelConfig) -> "torch.Tensor":  # noqa: F821
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         inv_freq = torch.where(is_medium, smoothed, scaled)
+    elif rope_type == "longrope":  # 1 / (factor_i * theta^(2i/d)), as transformers and llama.cpp
+        factors = scaling["long_factor" if kind == "long" else "short_factor"]
+        inv_freq = 1.0 / (torch.tensor(factors, dtype=torch.float32) * cfg.rope_theta ** exponents)
     elif rope_type not in (None, "default"):
         raise LoraforgeError(f"rope scaling type {rope_type!r} is not supported")
     return inv_freq.float()
+
+
+def rope_attention_factor(cfg: ModelConfig) -> float:
+    """The factor on RoPE's cos/sin (LongRoPE's attention factor; 1 otherwise)."""
+    scaling = cfg.rope_scaling or {}
+    if scaling.get("rope_type") == "longrope":
+        return float(scaling["attention_factor"])
+    return 1.0
+
+
+def longrope_threshold(cfg: ModelConfig) -> int | None:
+    """Sequences longer than this use LongRoPE's long factors; None without LongRoPE."""
+    scaling = cfg.rope_scaling or {}
+    if scaling.get("rope_type") == "longrope":
+        return int(scaling["original_max_position_embeddings"])
+    return None

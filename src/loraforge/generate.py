@@ -180,7 +180,7 @@ class KVSession:
         # half-precision weights next to float32 norms: autocast keeps every matmul in one dtype
         with torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             hidden = self.model.hidden_states(x, cache=self.cache, start_pos=start)  # (1, T, C)
-            logits = self.model.lm_head(hidden[:, -1]).float()[0]
+            logits = self.model.logits(hidden[:, -1])[0]
         self.tokens.extend(new)
         self.last_run_tokens = len(new)
         return logits

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from loraforge.config import ModelConfig
@@ -198,6 +199,9 @@ def _load_hf(path: str, base_dtype: str, device: torch.device, quantize: str | N
         state[name] = t.to(device=device, dtype=torch.float32 if keep_f32 else dense)
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
+    if cfg.norm_head and "lm_head.weight" in state:  # Baichuan 2's NormHead: unit-length output rows
+        head = state["lm_head.weight"]
+        state["lm_head.weight"] = F.normalize(head.float(), dim=-1).to(head.dtype)
     _assign(model, state, path)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -231,7 +235,8 @@ def _assign(model: CausalLM, state: dict[str, torch.Tensor], path: str) -> None:
 
 
 def _finish(model: CausalLM, device: torch.device) -> None:
-    model.inv_freq = model.inv_freq.to(device)
+    for name, buffer in list(model.named_buffers(recurse=False)):  # RoPE tables, ALiBi slopes
+        setattr(model, name, buffer.to(device))
     for p in model.parameters():
         p.requires_grad_(False)
     leftovers = [n for n, p in model.named_parameters() if p.is_meta]

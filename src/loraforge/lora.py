@@ -21,7 +21,12 @@ from torch import nn
 from loraforge.errors import LoraforgeError
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ALL_TARGETS = DEFAULT_TARGETS + ("embed_tokens", "lm_head")
+# Stacked projections (Phi-3's qkv_proj and gate_up_proj, Baichuan's W_pack) and what they stack: one
+# is a target when it or any of its parts is named, so the default targets cover every family.
+FUSED_TARGETS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "W_pack": ("q_proj", "k_proj", "v_proj"),
+                 "gate_up_proj": ("gate_proj", "up_proj")}
+ALL_TARGETS = DEFAULT_TARGETS + ("embed_tokens", "lm_head") + tuple(FUSED_TARGETS)
+LINEAR_TARGETS = DEFAULT_TARGETS + tuple(FUSED_TARGETS)  # "all-linear"
 
 
 @dataclass
@@ -30,6 +35,8 @@ class LoraConfig:
 
     rank_pattern / alpha_pattern map a module short name ("q_proj") or a full module name
     ("model.layers.0.self_attn.q_proj") to its own rank / alpha; rank 0 switches a module off.
+    A stacked module (FUSED_TARGETS) without its own entry takes the largest rank of its parts and
+    the alpha of its first part that has one.
     """
 
     r: int = 4
@@ -42,7 +49,7 @@ class LoraConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, str):
-            self.target_modules = (ALL_TARGETS[:-2] if self.target_modules == "all-linear"
+            self.target_modules = (LINEAR_TARGETS if self.target_modules == "all-linear"
                                    else tuple(t.strip() for t in self.target_modules.split(",") if t.strip()))
         self.target_modules = tuple(self.target_modules)
         unknown = [t for t in self.target_modules if t not in ALL_TARGETS]
@@ -63,13 +70,29 @@ class LoraConfig:
                 return value
         return default
 
+    def _parts(self, module: str) -> list[str]:
+        """The module's own name and, for a stacked module, the names of what it stacks."""
+        parent, _, short = module.rpartition(".")
+        prefix = parent + "." if parent else ""
+        return [module] + [prefix + part for part in FUSED_TARGETS.get(short, ())]
+
+    def targets(self, module: str) -> bool:
+        return any(m.rsplit(".", 1)[-1] in self.target_modules for m in self._parts(module))
+
     def rank_for(self, module: str) -> int:
-        if module.rsplit(".", 1)[-1] not in self.target_modules:
+        if not self.targets(module):
             return 0
-        return int(self._lookup(self.rank_pattern, module, self.r))
+        own, *parts = self._parts(module)
+        if not parts or self._lookup(self.rank_pattern, own, None) is not None:
+            return int(self._lookup(self.rank_pattern, own, self.r))
+        return max(int(self._lookup(self.rank_pattern, p, self.r)) if self.targets(p) else 0 for p in parts)
 
     def alpha_for(self, module: str) -> float:
-        return float(self._lookup(self.alpha_pattern, module, self.alpha))
+        for name in self._parts(module):
+            value = self._lookup(self.alpha_pattern, name, None)
+            if value is not None:
+                return float(value)
+        return float(self.alpha)
 
     def scaling(self, module: str, rank: int | None = None) -> float:
         r = self.rank_for(module) if rank is None else rank
@@ -233,8 +256,10 @@ def _wrap(model: nn.Module, module_name: str, dropout: float) -> nn.Module:
 
 
 def target_module_names(model: nn.Module, targets: Iterable[str]) -> list[str]:
-    """Full names of the model's modules whose short name is in targets (in model order)."""
+    """Full names of the model's modules whose short name is in targets, or that stack a target
+    (FUSED_TARGETS), in model order."""
     targets = set(targets)
+    targets |= {fused for fused, parts in FUSED_TARGETS.items() if targets & set(parts)}
     names = []
     for name, module in model.named_modules():
         short = name.rsplit(".", 1)[-1]

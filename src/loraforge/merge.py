@@ -297,7 +297,7 @@ def merge_to_gguf(base_path: str, adapters: Sequence[tuple[Adapter, float]], out
     sources: list[tuple[str, Any, str | None, bool]] = []  # (name, base tensor, HF name, modified)
     embd = None
     for t in gf.tensors:
-        hf = None if is_aux_gguf_tensor(t.name) or t.name == "rope_freqs.weight" else gguf_to_hf_name(t.name)
+        hf = None if is_aux_gguf_tensor(t.name) or t.name == "rope_freqs.weight" else gguf_to_hf_name(t.name, arch)
         sources.append((t.name, t, hf, hf is not None and weight_delta_exists(adapters, hf)))
         if t.name == "token_embd.weight":
             embd = t

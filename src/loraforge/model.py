@@ -1,32 +1,41 @@
-"""One decoder for the llama family (Llama 1/2/3.x, SmolLM, TinyLlama, OpenLLaMA, Mistral, Qwen2),
-driven by `ModelConfig`, with Hugging Face parameter names and RoPE layout inside.
+"""One decoder for the llama family (Llama 1/2/3.x, SmolLM, TinyLlama, OpenLLaMA, Mistral, Qwen2/3,
+Gemma 2/3, Phi-3, Baichuan 2), driven by `ModelConfig`, with Hugging Face parameter names and RoPE
+layout inside. The forward pass branches on the config's switches (q/k norms, norm offset,
+sandwich norms, soft-capping, ALiBi, fused projections), never on a family's name.
 
 Shapes: B batch, T new tokens, S keys (cache + new), H heads, G key/value heads, D head_dim,
-C hidden size, V vocabulary.
+R rotary dims (<= D), C hidden size, F intermediate size, V vocabulary.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from loraforge.config import ModelConfig, rope_inv_freq
+from loraforge.config import ModelConfig, longrope_threshold, rope_attention_factor, rope_inv_freq
 
 IGNORE_INDEX = -100
+ACT_FNS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    """x / rms(x) * (offset + weight), in float32; offset 1 for Gemma's zero-centred weights."""
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.offset = offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight * xf).to(x.dtype)
+        weight = self.weight if self.offset == 0.0 else self.weight.float() + self.offset
+        return (weight * xf).to(x.dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -35,8 +44,12 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, D); cos/sin (B, 1, T, D) in HF's half-split layout."""
-    return x * cos + rotate_half(x) * sin
+    """x (B, H, T, D); cos/sin (B, 1, T, R) in HF's half-split layout, turning the first R dims."""
+    rotary = cos.shape[-1]
+    if rotary == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    turned, kept = x[..., :rotary], x[..., rotary:]
+    return torch.cat((turned * cos + rotate_half(turned) * sin, kept), dim=-1)
 
 
 class KVCache:
@@ -58,60 +71,130 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                         scale: float, cap: float) -> torch.Tensor:
+    """softmax(cap * tanh(q k^T * scale / cap) masked) v, as Gemma 2 computes it (SDPA cannot cap).
+
+    q (B, H, T, D); k, v (B, G, S, D); mask (B|1, 1, T, S) bool, True = attend. -> (B, H, T, D).
+    """
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / cap) * cap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    return torch.matmul(weights, v)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         c, bias = cfg.hidden_size, cfg.attention_bias
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(c, cfg.q_size, bias=bias)
-        self.k_proj = nn.Linear(c, cfg.kv_size, bias=bias)
-        self.v_proj = nn.Linear(c, cfg.kv_size, bias=bias)
+        self.qkv_sizes = (cfg.q_size, cfg.kv_size, cfg.kv_size)
+        self.fused_qkv = cfg.fused_qkv  # name of the module holding q, k, v rows stacked, or None
+        if self.fused_qkv:
+            setattr(self, self.fused_qkv, nn.Linear(c, sum(self.qkv_sizes), bias=bias))
+        else:
+            self.q_proj = nn.Linear(c, cfg.q_size, bias=bias)
+            self.k_proj = nn.Linear(c, cfg.kv_size, bias=bias)
+            self.v_proj = nn.Linear(c, cfg.kv_size, bias=bias)
         self.o_proj = nn.Linear(cfg.q_size, c, bias=cfg.o_proj_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.norm_offset)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.norm_offset)
+        self.qk_norm = cfg.qk_norm
         self.window = cfg.layer_window(layer_idx)  # sliding attention window, or None
+        self.rope = None if cfg.alibi else cfg.layer_rope(layer_idx)  # which RoPE table, None: no RoPE
+        self.scale = cfg.attention_scale() if cfg.query_pre_attn_scalar else None  # None: SDPA's 1/sqrt(D)
+        self.softcap = cfg.attn_logit_softcap
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: KVCache | None, start_pos: int) -> torch.Tensor:
-        """x (B, T, C) -> (B, T, C). mask (B|1, 1, T, S) bool (True = attend) or None = plain causal."""
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, C) -> q (B, T, H*D), k and v (B, T, G*D)."""
+        if self.fused_qkv:
+            return getattr(self, self.fused_qkv)(x).split(self.qkv_sizes, dim=-1)
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                mask: torch.Tensor | None, cache: KVCache | None, start_pos: int) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C). rope: cos, sin (B, 1, T, R) or None; mask (B|1, 1|H, T, S): bool
+        (True = attend), float biases (ALiBi), or None = plain causal."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self.project_qkv(x)
+        q = q.view(b, t, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, start_pos)
-        causal = mask is None and t > 1 and start_pos == 0
-        # grouped-query attention without copying k/v per query head
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           enable_gqa=self.n_kv_head != self.n_head)
+        if self.softcap is not None:
+            y = softcapped_attention(q, k, v, mask, self.scale or self.head_dim ** -0.5, self.softcap)
+        else:
+            causal = mask is None and t > 1 and start_pos == 0
+            # grouped-query attention without copying k/v per query head
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
+                                               enable_gqa=self.n_kv_head != self.n_head)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_head * self.head_dim))
 
 
 class MLP(nn.Module):
+    """down(act(gate(x)) * up(x)); gate and up as one stacked gate_up_proj when the config fuses them."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        c, f = cfg.hidden_size, cfg.intermediate_size
+        self.fused_gate_up = cfg.fused_gate_up
+        if self.fused_gate_up:
+            self.gate_up_proj = nn.Linear(c, 2 * f, bias=False)
+        else:
+            self.gate_proj = nn.Linear(c, f, bias=False)
+            self.up_proj = nn.Linear(c, f, bias=False)
+        self.down_proj = nn.Linear(f, c, bias=False)
+        self.act = ACT_FNS[cfg.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.fused_gate_up:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(self.act(gate) * up)
 
 
 class DecoderLayer(nn.Module):
+    """Pre-norm attention and MLP blocks; with `post_norms` (Gemma 2/3) their outputs are normed too.
+
+    HF names: input_layernorm before attention; without post_norms post_attention_layernorm is the
+    norm before the MLP, with them it follows attention and pre_/post_feedforward_layernorm wrap the MLP.
+    """
+
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        eps, offset = cfg.rms_norm_eps, cfg.norm_offset
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps, offset)
         self.self_attn = Attention(cfg, layer_idx)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps, offset)
+        self.post_norms = cfg.post_norms
+        if self.post_norms:
+            self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, offset)
+            self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, offset)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def forward(self, x: torch.Tensor, ropes: dict[str, tuple[torch.Tensor, torch.Tensor]],
                 masks: dict[int | None, torch.Tensor | None], cache: KVCache | None, start_pos: int
                 ) -> torch.Tensor:
-        """x (B, T, C); masks: attention mask by sliding window (None = full attention)."""
-        mask = masks[self.self_attn.window]
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start_pos)
+        """x (B, T, C); ropes: cos/sin by table name; masks: attention mask by sliding window (None = full)."""
+        attn = self.self_attn
+        rope = ropes[attn.rope] if attn.rope is not None else None
+        h = attn(self.input_layernorm(x), rope, masks[attn.window], cache, start_pos)
+        if self.post_norms:
+            x = x + self.post_attention_layernorm(h)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + h
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -122,7 +205,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
 
 
 class CausalLM(nn.Module):
@@ -135,15 +218,38 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        for name, table in rope_tables(cfg).items():
+            self.register_buffer(name, table, persistent=False)
+        if cfg.alibi:
+            self.register_buffer("alibi_slopes", alibi_slopes(cfg.num_attention_heads), persistent=False)
         self.gradient_checkpointing = False
 
     # -- building blocks -------------------------------------------------------------------------
-    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (B, 1, T, D) for position_ids (B, T)."""
-        freqs = position_ids[..., None].float() * self.inv_freq.to(position_ids.device)  # (B, T, D/2)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """cos, sin (B, 1, T, R) for position_ids (B, T), per RoPE table ("global", "local")."""
+        cfg = self.config
+        threshold = longrope_threshold(cfg)
+        use_long = threshold is not None and int(position_ids.max()) + 1 > threshold  # as transformers decides
+        factor = rope_attention_factor(cfg)
+        ropes = {}
+        for kind, inv_freq in (("global", self.inv_freq_long if use_long else self.inv_freq),
+                               ("local", getattr(self, "inv_freq_local", None))):
+            if inv_freq is None:
+                continue
+            freqs = position_ids[..., None].float() * inv_freq.to(position_ids.device)  # (B, T, R/2)
+            emb = torch.cat((freqs, freqs), dim=-1)
+            cos, sin = emb.cos(), emb.sin()
+            if factor != 1.0:
+                cos, sin = cos * factor, sin * factor
+            ropes[kind] = cos.to(dtype)[:, None], sin.to(dtype)[:, None]
+        return ropes
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (B, T, C), times sqrt(C) in their own dtype when the config scales them."""
+        x = self.model.embed_tokens(input_ids)
+        if self.config.scale_embeddings:
+            x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)
+        return x
 
     def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                       doc_ids: torch.Tensor | None = None, cache: KVCache | None = None,
@@ -155,7 +261,7 @@ class CausalLM(nn.Module):
         """
         b, t = input_ids.shape
         device = input_ids.device
-        x = self.model.embed_tokens(input_ids)
+        x = self.embed(input_ids)
         if position_ids is None:
             if doc_ids is not None:
                 position_ids = positions_from_doc_ids(doc_ids)
@@ -163,22 +269,31 @@ class CausalLM(nn.Module):
                 position_ids = torch.arange(start_pos, start_pos + t, device=device).expand(b, t)
         if doc_ids is not None and start_pos > 0:
             raise ValueError("doc_ids (packed rows) cannot continue a KV cache (start_pos > 0)")
+        cfg = self.config
+        explicit = cfg.attn_logit_softcap is not None or cfg.alibi  # paths that need the mask spelled out
         windows = {layer.self_attn.window for layer in self.model.layers}
-        masks = {w: attention_mask(t, start_pos, doc_ids, w, device) for w in windows}
-        cos, sin = self.rope(position_ids, x.dtype)
+        masks = {w: attention_mask(t, start_pos, doc_ids, w, device, explicit) for w in windows}
+        if cfg.alibi:
+            masks = {w: alibi_bias(m, self.alibi_slopes, start_pos, x.dtype) for w, m in masks.items()}
+        ropes = self.rope(position_ids, x.dtype)
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, masks, cache, start_pos, use_reentrant=False)
+                x = checkpoint(layer, x, ropes, masks, cache, start_pos, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, masks, cache, start_pos)
+                x = layer(x, ropes, masks, cache, start_pos)
         return self.model.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM-head logits of hidden states (..., C) -> (..., V) float32, soft-capped when configured."""
+        out = self.lm_head(hidden).float()
+        cap = self.config.final_logit_softcap
+        return out if cap is None else torch.tanh(out / cap) * cap
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 doc_ids: torch.Tensor | None = None, cache: KVCache | None = None,
                 start_pos: int = 0) -> torch.Tensor:
         """Logits (B, T, V) in float32."""
-        h = self.hidden_states(input_ids, position_ids, doc_ids, cache, start_pos)
-        return self.lm_head(h).float()
+        return self.logits(self.hidden_states(input_ids, position_ids, doc_ids, cache, start_pos))
 
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, doc_ids: torch.Tensor | None = None,
              position_ids: torch.Tensor | None = None, chunk_tokens: int = 1024) -> tuple[torch.Tensor, int]:
@@ -187,21 +302,52 @@ class CausalLM(nn.Module):
         labels (B, T) are already aligned: labels[b, t] is the token that should follow input_ids[b, t].
         """
         h = self.hidden_states(input_ids, position_ids, doc_ids)
-        return chunked_cross_entropy(h.flatten(0, 1), labels.flatten(), self.lm_head, chunk_tokens)
+        head = self.logits if self.config.final_logit_softcap is not None else self.lm_head
+        return chunked_cross_entropy(h.flatten(0, 1), labels.flatten(), head, chunk_tokens)
+
+
+def rope_tables(cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The model's inverse-frequency buffers: inv_freq, plus inv_freq_local (Gemma 3's sliding layers)
+    and inv_freq_long (LongRoPE) when the config has them."""
+    tables = {"inv_freq": rope_inv_freq(cfg)}
+    if cfg.rope_local_theta is not None:
+        tables["inv_freq_local"] = rope_inv_freq(cfg, "local")
+    if longrope_threshold(cfg) is not None:
+        tables["inv_freq_long"] = rope_inv_freq(cfg, "long")
+    return tables
+
+
+def alibi_slopes(n_head: int, max_bias: float = 8.0) -> torch.Tensor:
+    """ALiBi slopes (H,): 2^(-8/n) powers for the largest power of two n <= H, the odd powers of the
+    next one's for the rest (Baichuan 13B's _get_interleave, llama.cpp's max_bias 8)."""
+    n = 2 ** math.floor(math.log2(n_head))
+    m0, m1 = 2.0 ** (-max_bias / n), 2.0 ** (-max_bias / 2 / n)
+    return torch.tensor([m0 ** (h + 1) if h < n else m1 ** (2 * (h - n) + 1) for h in range(n_head)],
+                        dtype=torch.float32)
+
+
+def alibi_bias(visible: torch.Tensor, slopes: torch.Tensor, start_pos: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention biases (B|1, H, T, S): slope_h * (key - query) where visible, -inf elsewhere."""
+    t, s = visible.shape[-2:]
+    q_pos = torch.arange(start_pos, start_pos + t, device=visible.device)[:, None]
+    k_pos = torch.arange(s, device=visible.device)[None, :]
+    bias = slopes.to(visible.device)[:, None, None] * (k_pos - q_pos).float()  # (H, T, S)
+    return torch.where(visible, bias[None], float("-inf")).to(dtype)
 
 
 def attention_mask(t: int, start_pos: int, doc_ids: torch.Tensor | None, window: int | None,
-                   device: torch.device) -> torch.Tensor | None:
+                   device: torch.device, explicit: bool = False) -> torch.Tensor | None:
     """Which keys each query sees: (B|1, 1, T, start_pos+T) bool, True = attend.
 
     None when plain causal attention over the T new tokens is exact (SDPA's is_causal fast path,
-    or a single query that sees every cached key). Queries sit at positions start_pos..start_pos+T-1
-    of the row; a key is seen if it is not in the future, lies in the same document (doc_ids, B x T),
-    and, with a sliding window, is one of the last `window` positions (the query's own included).
+    or a single query that sees every cached key), unless `explicit`. Queries sit at positions
+    start_pos..start_pos+T-1 of the row; a key is seen if it is not in the future, lies in the same
+    document (doc_ids, B x T), and, with a sliding window, is one of the last `window` positions
+    (the query's own included).
     """
     s = start_pos + t
     windowed = window is not None and s > window
-    if doc_ids is None and not windowed and (start_pos == 0 or t == 1):
+    if doc_ids is None and not windowed and (start_pos == 0 or t == 1) and not explicit:
         return None
     q_pos = torch.arange(start_pos, s, device=device)[:, None]
     k_pos = torch.arange(s, device=device)[None, :]
@@ -234,6 +380,7 @@ def chunked_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, lm_head: n
                           chunk_tokens: int = 1024) -> tuple[torch.Tensor, int]:
     """Cross-entropy of lm_head(hidden) (N, C) against labels (N,), never holding all N x V logits.
 
+    `lm_head` is any callable from hidden states to logits (a module, or `CausalLM.logits`).
     Each chunk's logits are recomputed in backward (checkpointed), so peak memory is one chunk's.
     Returns (mean loss over valid tokens, number of valid tokens).
     """
@@ -257,5 +404,8 @@ def build_on_meta(cfg: ModelConfig) -> CausalLM:
     """The model with parameters on the meta device (no memory), to be filled by the loaders."""
     with torch.device("meta"):
         model = CausalLM(cfg)
-    model.inv_freq = rope_inv_freq(cfg)
+    for name, table in rope_tables(cfg).items():
+        setattr(model, name, table)
+    if cfg.alibi:
+        model.alibi_slopes = alibi_slopes(cfg.num_attention_heads)
     return model

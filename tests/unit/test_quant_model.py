@@ -62,8 +62,8 @@ def test_quantized_input_gradients_equal_dequantized(smollm2_quantized, smollm2_
     for loaded in (smollm2_f32, smollm2_quantized):
         emb = loaded.model.model.embed_tokens(ids).detach().requires_grad_(True)
         layer = loaded.model.model.layers[0]
-        cos, sin = loaded.model.rope(torch.arange(ids.shape[1])[None], emb.dtype)
-        out = layer(emb, cos, sin, {None: None}, None, 0)
+        ropes = loaded.model.rope(torch.arange(ids.shape[1])[None], emb.dtype)  # {"global": (cos, sin)}
+        out = layer(emb, ropes, {None: None}, None, 0)
         out.square().sum().backward()
         grads.append(emb.grad)
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-5)

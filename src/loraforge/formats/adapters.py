@@ -22,6 +22,7 @@ GGLA_MAGIC = b"algg"  # uint32 0x67676c61 ('ggla') written little-endian
 _LAYER_MODULES = {
     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+    "self_attn.qkv_proj", "self_attn.W_pack", "mlp.gate_up_proj",  # stacked (Phi-3, Baichuan)
 }
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
@@ -41,7 +42,8 @@ def module_weight_shape(module: str, cfg: ModelConfig) -> tuple[int, int]:
         return cfg.vocab_size, h
     short = module.rsplit(".", 1)[-1]
     return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
-            "gate_proj": (f, h), "up_proj": (f, h), "down_proj": (h, f)}[short]
+            "gate_proj": (f, h), "up_proj": (f, h), "down_proj": (h, f),
+            "qkv_proj": (q + 2 * kv, h), "W_pack": (q + 2 * kv, h), "gate_up_proj": (2 * f, h)}[short]
 
 
 def expected_ab_shapes(module: str, rank: int, cfg: ModelConfig) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -133,7 +135,14 @@ def detect_format(path: str | os.PathLike) -> str:
 
 
 def load_adapter(path: str | os.PathLike, cfg: ModelConfig) -> Adapter:
-    """Any supported adapter file or folder, checked against the base model `cfg`."""
+    """Any supported adapter file or folder, checked against the base model `cfg`, with its q/k/v and
+    gate/up modules stacked or separate as the model has them."""
+    from loraforge.formats.fused_adapters import match_layout
+
+    return match_layout(_read_adapter(path, cfg), cfg)
+
+
+def _read_adapter(path: str | os.PathLike, cfg: ModelConfig) -> Adapter:
     path = os.fspath(path)
     kind = detect_format(path)
     if kind == "peft":

@@ -1,7 +1,8 @@
 """Read llama-family models from GGUF files: metadata, and tensors memory-mapped in HF layout.
 
 Tensors stay as the file's bytes (quantized blocks or floats); q/k rows of llama-arch files
-are un-permuted to HF order (rows are whole quant blocks, so no requantization is needed).
+are un-permuted to HF order (rows are whole quant blocks, so no requantization is needed), and
+Gemma's norm weights, stored with 1 added, read back as HF's zero-centred values.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 
 from loraforge.config import ModelConfig
 from loraforge.errors import LoraforgeError, file_error
-from loraforge.formats.names import (gguf_to_hf_name, is_aux_gguf_tensor, needs_qk_permutation,
+from loraforge.formats.names import (gguf_to_hf_name, is_aux_gguf_tensor, is_norm_plus_one, needs_qk_permutation,
                                      permute_qk_gguf_to_hf, qk_heads)
 
 GGUF_MAGIC = b"GGUF"
@@ -26,15 +27,19 @@ class RawTensor:
 
     `stored` is the view into the file; q/k rows of llama-arch files are un-permuted on each
     access to `data` (`heads` set), so no un-permuted copy of every q/k matrix is kept around.
+    `minus` is subtracted from float values on access (1 for Gemma's norms, stored as 1 + w).
     """
 
     qtype: int  # gguf.GGMLQuantizationType value
     shape: tuple[int, ...]  # torch order, e.g. (out_features, in_features)
     stored: np.ndarray
     heads: int | None = None  # rows to un-permute by (llama-arch q/k), else None
+    minus: float = 0.0
 
     @property
     def data(self) -> np.ndarray:
+        if self.minus:
+            return (self.stored.astype(np.float32) - np.float32(self.minus)).astype(self.stored.dtype)
         return self.stored if self.heads is None else permute_qk_gguf_to_hf(self.stored, self.heads)
 
     def release(self) -> None:
@@ -152,12 +157,15 @@ def read_model(path: str | os.PathLike) -> GGUFModel:
     names = {t.name for t in gf.tensors}
     tok_embd = next((t for t in gf.tensors if t.name == "token_embd.weight"), None)
     n_vocab = int(tok_embd.shape[0]) if tok_embd is not None else None
-    cfg = ModelConfig.from_gguf_metadata(meta, path, n_vocab=n_vocab, has_output="output.weight" in names)
-    if 9 * cfg.num_hidden_layers + 2 > len(names):  # before lists of names are made for that many layers
+    cfg = ModelConfig.from_gguf_metadata(meta, path, n_vocab=n_vocab, has_output="output.weight" in names,
+                                         tensor_names=names)
+    if cfg.num_hidden_layers > len(names):  # before lists of names are made for that many layers
         raise file_error(path, f"the metadata says {cfg.num_hidden_layers} layers, but the file holds only "
-                               f"{len(names)} tensors (a llama layer has 9)")
-    permute = needs_qk_permutation(meta["general.architecture"])
+                               f"{len(names)} tensors")
+    arch = meta["general.architecture"]
+    permute = needs_qk_permutation(arch)
     tensors: dict[str, RawTensor] = {}
+    rope_factors: dict[str, list[float]] = {}
     for t in gf.tensors:
         qtype = int(t.qtype)
         if qtype not in SUPPORTED_TYPES:
@@ -167,32 +175,42 @@ def read_model(path: str | os.PathLike) -> GGUFModel:
         if t.name == "rope_freqs.weight":
             cfg.extra["rope_freqs"] = np.array(gf.data(t), dtype=np.float32).reshape(-1)
             continue
+        if t.name in ("rope_factors_long.weight", "rope_factors_short.weight"):
+            rope_factors[t.name] = np.array(gf.data(t), dtype=np.float32).reshape(-1).tolist()
+            continue
         if is_aux_gguf_tensor(t.name):
             continue
         try:
-            hf_name = gguf_to_hf_name(t.name)
+            hf_name = gguf_to_hf_name(t.name, arch)
         except LoraforgeError:
-            raise file_error(path, f"unknown tensor {t.name!r} for architecture "
-                                   f"{meta['general.architecture']!r}") from None
+            raise file_error(path, f"unknown tensor {t.name!r} for architecture {arch!r}") from None
         heads = qk_heads(hf_name, cfg.num_attention_heads, cfg.num_key_value_heads)
         if permute and heads is not None and (shape[0] != heads * cfg.head_dim or cfg.head_dim % 2):
             raise file_error(path, f"tensor {t.name} has shape {shape}, which does not fit the metadata's "
                                    f"{heads} heads of {cfg.head_dim} rows")
-        tensors[hf_name] = RawTensor(qtype, shape, gf.data(t), heads if permute else None)
+        minus = 1.0 if is_norm_plus_one(hf_name, arch) else 0.0
+        tensors[hf_name] = RawTensor(qtype, shape, gf.data(t), heads if permute else None, minus)
+    if rope_factors:
+        from loraforge.config_sources import add_gguf_rope_factors
+
+        if len(rope_factors) != 2:
+            raise file_error(path, "has only one of rope_factors_long / rope_factors_short")
+        add_gguf_rope_factors(cfg, meta, rope_factors["rope_factors_long.weight"],
+                              rope_factors["rope_factors_short.weight"])
     _check_complete(cfg, tensors, path)
     return GGUFModel(cfg, meta, tensors, path)
 
 
 def _check_complete(cfg: ModelConfig, tensors: dict[str, RawTensor], path: str) -> None:
-    expected = ["model.embed_tokens.weight", "model.norm.weight"]
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        expected += [p + n + ".weight" for n in (
-            "input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
-            "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    from loraforge.model import build_on_meta
+
+    expected = [n for n, _ in build_on_meta(cfg).named_parameters()]
     missing = [n for n in expected if n not in tensors]
     if missing:
         raise file_error(path, f"missing {len(missing)} tensor(s), e.g. {missing[0]}")
+    unexpected = [n for n in tensors if n not in expected and not (n == "lm_head.weight" and cfg.tie_word_embeddings)]
+    if unexpected:
+        raise file_error(path, f"tensor {unexpected[0]!r} does not belong to a {cfg.arch} model of this shape")
     emb = tensors["model.embed_tokens.weight"].shape
     if emb != (cfg.vocab_size, cfg.hidden_size):
         raise file_error(path, f"token_embd has shape {emb}, expected {(cfg.vocab_size, cfg.hidden_size)}")

@@ -78,6 +78,17 @@ def _check_for_llamacpp(adapter: Adapter, cfg: ModelConfig, path: str) -> None:
                                "apply a token_embd adapter to the output layer too (and fail); merge it instead")
 
 
+def _gguf_layout(adapter: Adapter, cfg: ModelConfig, gguf_arch: str) -> Adapter:
+    """The adapter with q/k/v modules as the architecture's GGUF files hold them: llama.cpp's
+    converter splits Baichuan's W_pack into attn_q/k/v; Phi-3 keeps attn_qkv."""
+    from loraforge.formats.fused_adapters import match_layout
+    from loraforge.formats.names import arch_facts
+
+    if not arch_facts(gguf_arch).gguf_splits_qkv:
+        return adapter
+    return match_layout(adapter, cfg, fused_qkv=None)
+
+
 def write_gguf_adapter(path: str | os.PathLike, adapter: Adapter, cfg: ModelConfig, gguf_arch: str,
                        outtype: str = "f32") -> None:
     """Write `adapter` (HF layout) as a llama.cpp GGUF LoRA for a base with config `cfg`, atomically."""
@@ -94,6 +105,7 @@ def write_gguf_adapter(path: str | os.PathLike, adapter: Adapter, cfg: ModelConf
                              f"(choose {', '.join(ADAPTER_OUTTYPES)})")
     check_adapter(adapter, cfg, path)
     _check_for_llamacpp(adapter, cfg, path)
+    adapter = _gguf_layout(adapter, cfg, gguf_arch)
     permute = needs_qk_permutation(gguf_arch)
     alpha = _common_alpha(adapter)
     folded: dict[str, float] = {}
@@ -109,7 +121,7 @@ def write_gguf_adapter(path: str | os.PathLike, adapter: Adapter, cfg: ModelConf
         heads = qk_heads(module + ".", cfg.num_attention_heads, cfg.num_key_value_heads)
         if permute and heads is not None:
             b = permute_qk_hf_to_gguf(b, heads)
-        base_name = hf_to_gguf_name(module + ".weight")
+        base_name = hf_to_gguf_name(module + ".weight", gguf_arch)
         if module == "model.embed_tokens":
             a = a.t()  # llama.cpp gathers rows of lora_a by token id: numpy (vocab, r)
         arrays.append((base_name + ".lora_a", a.contiguous().numpy()))
@@ -192,7 +204,7 @@ def read_gguf_adapter(path: str | os.PathLike, cfg: ModelConfig | None = None) -
             raise file_error(path, f"tensor {name!r} is neither .lora_a nor .lora_b")
         base = name[: -len(".lora_a")]
         try:
-            hf = gguf_to_hf_name(base)
+            hf = gguf_to_hf_name(base, arch)
         except LoraforgeError:
             raise file_error(path, f"tensor {name!r} targets {base!r}, unknown for architecture {arch!r}") from None
         if not hf.endswith(".weight") or hf.endswith("norm.weight"):
@@ -204,7 +216,7 @@ def read_gguf_adapter(path: str | os.PathLike, cfg: ModelConfig | None = None) -
     tensors: dict[str, torch.Tensor] = {}
     for module, ab in sorted(pairs.items()):
         if set(ab) != {"a", "b"}:
-            raise file_error(path, f"{hf_to_gguf_name(module + '.weight')} has only one of lora_a / lora_b")
+            raise file_error(path, f"{hf_to_gguf_name(module + '.weight', arch)} has only one of lora_a / lora_b")
         a, b = ab["a"], ab["b"]
         if module == "model.embed_tokens":
             a = a.T  # stored (vocab, r)

@@ -115,15 +115,46 @@ def read_config(folder: str | os.PathLike) -> ModelConfig:
     return ModelConfig.from_hf_folder(folder)
 
 
+def hf_layout(cfg: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor]]
+              ) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor]]]:
+    """(config, tensors) in the family's Hugging Face layout: a Baichuan read from GGUF (llama.cpp's
+    split attn_q/k/v) gets its q, k, v rows stacked back into W_pack, layer by layer."""
+    from loraforge.formats.names import arch_facts
+
+    stacked = arch_facts(cfg.arch).hf_fused_qkv
+    if stacked is None or cfg.fused_qkv == stacked:
+        return cfg, tensors
+
+    def restack() -> Iterator[tuple[str, torch.Tensor]]:
+        pending: dict[str, dict[str, torch.Tensor]] = {}
+        for name, t in tensors:
+            prefix, _, rest = name.partition("self_attn.")
+            part = rest[:1] if rest in ("q_proj.weight", "k_proj.weight", "v_proj.weight") else None
+            if part is None:
+                yield name, t
+                continue
+            parts = pending.setdefault(prefix, {})
+            parts[part] = t
+            if len(parts) == 3:
+                del pending[prefix]
+                yield f"{prefix}self_attn.{stacked}.weight", torch.cat([parts["q"], parts["k"], parts["v"]])
+        if pending:
+            raise file_error(next(iter(pending)), "has only some of q_proj / k_proj / v_proj")
+
+    return cfg.replace(fused_qkv=stacked), restack()
+
+
 def write_folder(folder: str | os.PathLike, cfg: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor]],
                  max_shard_bytes: int = 2 << 30) -> None:
-    """Write config.json and safetensors shards (+ index when more than one), streaming tensors.
+    """Write config.json and safetensors shards (+ index when more than one), streaming tensors,
+    in the family's Hugging Face layout (`hf_layout`).
 
     Each shard is written atomically and checked; when a write fails, the shards this call
     wrote that are not yet under their final names are removed again.
     """
     from loraforge.atomic import atomic_path
 
+    cfg, tensors = hf_layout(cfg, tensors)
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)
     shard: dict[str, torch.Tensor] = {}

@@ -93,6 +93,15 @@ def peft_base_reference(base: str, cfg: ModelConfig | None = None) -> tuple[str 
     return base, None
 
 
+def _hf_layout(adapter: Adapter, cfg: ModelConfig) -> Adapter:
+    """The adapter with q/k/v modules as the family's Hugging Face model has them (a Baichuan base
+    read from GGUF has attn_q/k/v, HF's Baichuan one W_pack)."""
+    from loraforge.formats.fused_adapters import match_layout
+    from loraforge.formats.names import arch_facts
+
+    return match_layout(adapter, cfg, fused_qkv=arch_facts(cfg.arch).hf_fused_qkv)
+
+
 def write_peft(folder: str | os.PathLike, adapter: Adapter, cfg: ModelConfig, base_name: str = "",
                dtype: str = "f32", *, lora_dropout: float | None = None) -> None:
     """Write `adapter` as a PEFT folder for a base with config `cfg` (created if missing).
@@ -111,6 +120,7 @@ def write_peft(folder: str | os.PathLike, adapter: Adapter, cfg: ModelConfig, ba
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise file_error(folder, "exists and is not a folder (a PEFT adapter is a folder)")
     check_adapter(adapter, cfg, folder)
+    adapter = _hf_layout(adapter, cfg)
     modules = adapter.modules()
     ranks = {m: adapter.rank(m) for m in modules}
     r = Counter(ranks.values()).most_common(1)[0][0]
