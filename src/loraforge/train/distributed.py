@@ -144,6 +144,12 @@ class Ranks:
             return body()
         except PeerFailed:
             return 2
+        except LoraforgeError:
+            # outside agreement() errors come from what every process computes alike (a loss that is
+            # no longer finite, say): rank 0 says it once
+            if self.started and not self.is_main:
+                return 2
+            raise
         except Exception as e:
             if self.started and is_comm_failure(e):
                 leave(f"rank {self.rank}: another process of this run ended or stopped answering "
