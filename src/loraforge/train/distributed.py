@@ -68,6 +68,7 @@ class Ranks:
         self.rank, self.world, self.local_rank, self.fsdp = rank, world, local_rank, fsdp and world > 1
         self.device = torch.device("cpu")
         self.started = False
+        self.agreed_failure = False  # an agreement() failed: every process is stopping
 
     @classmethod
     def from_env(cls, fsdp: bool = False) -> "Ranks":
@@ -127,10 +128,14 @@ class Ranks:
             report.set_quiet(True)
         signal.signal(signal.SIGTERM, self._on_sigterm)
 
-    def stop(self) -> None:
+    def stop(self, together: bool) -> None:
+        """Leave the process group; `together`: every process is known to be leaving now, so wait for
+        all first (a process tearing its group down while another still uses it can abort in gloo)."""
         import torch.distributed as dist
 
         if self.started:
+            if together:
+                dist.barrier()
             self.started = False
             dist.destroy_process_group()
 
@@ -140,11 +145,16 @@ class Ranks:
 
     def run(self, body: Callable[[], int]) -> int:
         """Run `body` in the process group; a lost process becomes one line and exit status 2."""
+        together = False
         try:
-            return body()
+            status = body()
+            together = True
+            return status
         except PeerFailed:
+            together = True
             return 2
         except LoraforgeError:
+            together = self.agreed_failure
             # outside agreement() errors come from what every process computes alike (a loss that is
             # no longer finite, say): rank 0 says it once
             if self.started and not self.is_main:
@@ -157,7 +167,7 @@ class Ranks:
                       "kept: run the same command to resume")
             raise
         finally:
-            self.stop()
+            self.stop(together)
 
     # -- agreement ----------------------------------------------------------------------------------
     @contextmanager
@@ -181,6 +191,7 @@ class Ranks:
         failed = [(r, rep) for r, rep in enumerate(reports) if rep is not None]
         if not failed:
             return
+        self.agreed_failure = True
         if error is not None and (self.is_main or not isinstance(error, LoraforgeError)):
             raise error
         if self.is_main:
@@ -199,6 +210,17 @@ class Ranks:
         box = [obj if self.is_main else None]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def copy_from_first(self, params: list[nn.Parameter]) -> None:
+        """Start every process from rank 0's trainable weights (made alike from the seed anyway; this
+        makes sure, as DistributedDataParallel does)."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        with torch.no_grad():
+            for p in params:
+                dist.broadcast(p.data, src=0)
 
     def gather(self, obj: Any) -> list[Any]:
         """Every process's `obj`, by rank."""

@@ -255,6 +255,7 @@ class Finetune:
         if ckpt is not None:
             with ranks.agreement():
                 state = self._resume(ckpt, model, optimizer, lora_cfg, loaded, source, data.fingerprint, saver)
+        ranks.copy_from_first(params)
 
         total = total_steps(s, source, state)
         n_iter = max(0, total - state.iteration)
