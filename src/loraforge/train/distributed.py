@@ -23,7 +23,8 @@ sharded by FSDP2. torch.distributed does the communication; this module holds th
   loading, saving) run inside `agreement()`: if any process fails, every process stops and
   rank 0 prints one line naming the rank and the problem.
 - A process that dies or stops answering: the others stop within `--dist-timeout` seconds (the
-  process group's timeout; a closed connection is noticed at once) with one line each.
+  process group's timeout; gloo notices a closed connection at once, torchrun stops the other
+  processes of a node at once) with one line each.
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ from torch import nn
 from loraforge.data.batch import Batch
 from loraforge.errors import LoraforgeError
 
-DEFAULT_TIMEOUT_S = 1800  # torch's own default for gloo, and transformers' ddp_timeout
 _COMM_WORDS = ("gloo", "nccl", "NCCL", "Connection reset", "Connection closed", "Timed out", "timed out",
                "Socket", "socket")
 
