@@ -91,6 +91,12 @@ class Ranks:
         """FSDP gathers the sharded weights again in backward: every process must run every backward."""
         return self.fsdp
 
+    def seed_own_stream(self, seed: int) -> None:
+        """Ranks > 0 draw dropout masks from their own stream, seeded from (seed, rank); rank 0 keeps
+        the single-process stream."""
+        if self.rank > 0:
+            torch.manual_seed((seed * 1_000_003 + 7_919 * self.rank) % (2**63))
+
     def device_for(self, name: str) -> torch.device:
         """The device of this process: `--device auto|cuda` takes cuda:LOCAL_RANK under torchrun."""
         from loraforge.runtime import resolve_device

@@ -238,8 +238,7 @@ class Finetune:
             wrapped = inject(model, lora_cfg)
             if not wrapped:
                 raise LoraforgeError("no module gets a LoRA adapter: every rank is 0")
-        if ranks.rank > 0:  # each process its own dropout stream (rank 0 keeps the single-process one)
-            torch.manual_seed((seed * 1_000_003 + 7_919 * ranks.rank) % (2**63))
+        ranks.seed_own_stream(seed)
         model.gradient_checkpointing = s.model.checkpointing
         if ranks.fsdp:
             local, total_bytes = ranks.shard_base(model)
@@ -436,13 +435,14 @@ class Finetune:
                                    f"{mine.get(diff[0][0])}")
         load_adapter_tensors(model, ckpt.tensors)
         restore_optimizer(optimizer, model, ckpt)
+        restore_rng(ckpt.rng)
         state = ckpt.state
         world, saved_world = self.ranks.world, state.extra.pop("world_size", 1)
         rank_rngs = state.extra.pop("rank_rng", None)
         if saved_world == world and rank_rngs:  # every process continues its own random stream
             restore_rng(rank_rngs[self.ranks.rank])
-        elif self.ranks.is_main:
-            restore_rng(ckpt.rng)
+        else:  # ranks > 0 start their own streams afresh
+            self.ranks.seed_own_stream(state.seed)
         if state.data_fingerprint != data_fp or state.n_items != source.n_items:
             out("finetune: train data seems to have changed. restarting shuffled epoch.")
             state.epoch_pos, state.n_items, state.data_fingerprint = 0, source.n_items, data_fp
