@@ -34,7 +34,7 @@ import os
 import signal
 import sys
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NoReturn
 
 import torch
 from torch import nn
@@ -149,31 +149,39 @@ class Ranks:
         leave(f"rank {self.rank}: stopped by the launcher (another process of this run ended, or the run was "
               "cancelled); the files saved so far are kept: run the same command to resume")
 
-    def run(self, body: Callable[[], int]) -> int:
-        """Run `body` in the process group; a lost process becomes one line and exit status 2."""
-        together = False
+    def run(self, body: Callable[[], int]) -> NoReturn:
+        """Run `body` in the process group and end the process with its exit status.
+
+        A lost process becomes one line and status 2. Once the group is left, the process ends at
+        once (os._exit, after every file is closed and the output flushed): gloo's worker threads
+        can abort the interpreter's own teardown ("terminate called without an active exception",
+        seen here about once in 15 runs), which would turn a finished run into a failed one."""
+        together, message = False, None
         try:
             status = body()
             together = True
-            return status
         except PeerFailed:
-            together = True
-            return 2
-        except LoraforgeError:
-            together = self.agreed_failure
-            # outside agreement() errors come from what every process computes alike (a loss that is
-            # no longer finite, say): rank 0 says it once
-            if self.started and not self.is_main:
-                return 2
-            raise
-        except Exception as e:
-            if self.started and is_comm_failure(e):
+            status, together = 2, True
+        except LoraforgeError as e:
+            if not self.started:
+                raise  # before the group exists: the command prints it as usual
+            # outside agreement() errors come from what every process computes alike (a loss that
+            # is no longer finite, say): rank 0 says it once
+            status, together = 2, self.agreed_failure
+            message = str(e) if self.is_main else None
+        except BaseException as e:  # a bug (its traceback follows), a second Ctrl-C, a lost process
+            if self.started and isinstance(e, Exception) and is_comm_failure(e):
                 leave(f"rank {self.rank}: another process of this run ended or stopped answering "
                       f"(--dist-timeout {self.timeout_s:g} s; {short_reason(e)}); the files saved so far are "
                       "kept: run the same command to resume")
+            self.stop(False)
             raise
-        finally:
-            self.stop(together)
+        self.stop(together)
+        if message is not None:
+            leave(message)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
 
     # -- agreement ----------------------------------------------------------------------------------
     @contextmanager
@@ -321,8 +329,8 @@ _left = False
 
 
 def leave(message: str) -> None:
-    """Print one error line and end the process now: a process group that lost a member cannot be
-    shut down cleanly (its teardown can wait on, or abort for, the missing process)."""
+    """Print one error line and end the process now (status 2): a process group that lost a member
+    cannot be shut down cleanly (its teardown can wait on, or abort for, the missing process)."""
     global _left
     if not _left:  # a SIGTERM arriving while the first line is printed adds no second one
         _left = True
