@@ -20,13 +20,15 @@ import torch
 
 from loraforge.errors import LoraforgeError, file_error
 from loraforge.lora import LoraConfig, count_parameters, inject, load_adapter_tensors, to_adapter
-from loraforge.runtime import peak_memory_text, peak_rss_bytes, resolve_device, set_threads
-from loraforge.train.checkpoint import TrainState, load_checkpoint, restore_optimizer, restore_rng
+from loraforge.runtime import peak_memory_text, peak_rss_bytes, set_threads
+from loraforge.train.checkpoint import TrainState, load_checkpoint, restore_optimizer, restore_rng, rng_states
+from loraforge.train.distributed import Ranks
 from loraforge.train.loop import LoopHooks, LoopOptions, train
 from loraforge.train.optim import Schedule, make_optimizer, warmup_steps_for
 from loraforge.train.outputs import (RunLock, check_output_path, check_run_outputs, pattern_path,
                                      refuse_same_file, remove_stale_temps)
-from loraforge.train.report import Metrics, StepPrinter, Trackers, check_trackers, format_hms, out, warn
+from loraforge.train.report import (Metrics, Silent, StepPrinter, Trackers, check_trackers, format_hms, out,
+                                    warn)
 from loraforge.train.saver import Saver
 from loraforge.train.spec import NORM_RANKS, RANK_MODULES, RunSpec
 
@@ -104,11 +106,16 @@ def default_metrics_path(lora_pattern: str) -> str:
 
 
 class Interrupt:
-    """The first Ctrl-C asks the loop to stop after the current step and save; a second aborts."""
+    """The first Ctrl-C asks the loop to stop after the current step and save; a second aborts.
 
-    def __init__(self) -> None:
+    repeat_window_s: a second SIGINT this soon after the first is the same Ctrl-C (torchrun passes
+    the terminal's Ctrl-C on to its processes, which the terminal has already signalled)."""
+
+    def __init__(self, repeat_window_s: float = 0.0) -> None:
         self.requested = False
         self.previous = None
+        self.repeat_window_s = repeat_window_s
+        self.first_at = 0.0
 
     def __enter__(self) -> "Interrupt":
         try:
@@ -118,9 +125,11 @@ class Interrupt:
         return self
 
     def _handler(self, signum, frame) -> None:
+        if self.requested and time.monotonic() - self.first_at < self.repeat_window_s:
+            return
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self.first_at = True, time.monotonic()
         warn("Ctrl-C: finishing this iteration, then saving a checkpoint (press Ctrl-C again to abort "
              "without saving)")
 
@@ -130,14 +139,22 @@ class Interrupt:
 
 
 def run_finetune(spec: RunSpec) -> int:
-    """Run a fine-tune; returns the process exit status (0, or 130 after a Ctrl-C stop)."""
-    return Finetune(spec).run()
+    """Run a fine-tune; returns the process exit status (0, or 130 after a Ctrl-C stop).
+
+    Under torchrun (WORLD_SIZE > 1) this process runs its share of the run: see train/distributed.py."""
+    ranks = Ranks.from_env(spec.model.fsdp)
+    if ranks.world == 1:
+        if spec.model.fsdp:
+            warn("--fsdp ignored: this is a single process (start several with torchrun --nproc-per-node N)")
+        return Finetune(spec).run()
+    return ranks.run(lambda: Finetune(spec, ranks).run())
 
 
 class Finetune:
-    def __init__(self, spec: RunSpec) -> None:
+    def __init__(self, spec: RunSpec, ranks: Ranks | None = None) -> None:
         self.spec = spec
-        self.device = resolve_device(spec.model.device)
+        self.ranks = ranks if ranks is not None else Ranks()
+        self.device = self.ranks.device_for(spec.model.device)
         o = spec.outputs
         self.metrics_path = o.metrics_out or default_metrics_path(o.lora_out)
         self.plot_path = os.path.splitext(self.metrics_path)[0] + ".png"
@@ -150,8 +167,15 @@ class Finetune:
         from loraforge.loader import resolve_model_path
         from loraforge.train.optim import check_optimizer
 
-        s, o = self.spec, self.spec.outputs
+        s, o, ranks = self.spec, self.spec.outputs, self.ranks
         set_threads(s.model.threads)
+        if s.data.batch % ranks.world:
+            raise LoraforgeError(f"--batch {s.data.batch} is the global batch of all {ranks.world} processes and must "
+                                 f"divide by {ranks.world} (e.g. --batch {ranks.world * max(1, s.data.batch // ranks.world)})")
+        if ranks.fsdp and (s.model.quantize or s.model.base_dtype == "quantized"):
+            what = f"--quantize {s.model.quantize}" if s.model.quantize else "--base-dtype quantized"
+            raise LoraforgeError(f"--fsdp shards dense bases (f32/f16/bf16) only; a quantized base ({what}) trains "
+                                 "on several processes without --fsdp (each holds the whole quantized base)")
         resolve_model_path(s.model.model_base)
         check_input_files(s.data)
         check_optimizer(s.optimizer.optim, self.device)
@@ -160,6 +184,8 @@ class Finetune:
                           "--lora-out": pattern_path(o.lora_out, "LATEST"),
                           "--metrics-out": self.metrics_path, "--peft-out": o.peft_out,
                           "--train-data": s.data.train_data, "--model-base": s.model.model_base})
+        if not ranks.is_main:
+            return  # rank 0 alone reads the checkpoint and writes the outputs
         for what, pattern in (("--checkpoint-out", o.checkpoint_out), ("--lora-out", o.lora_out)):
             check_output_path(pattern_path(pattern, "LATEST"), what)
         check_output_path(self.metrics_path, "--metrics-out")
@@ -173,42 +199,52 @@ class Finetune:
 
     # -- run ------------------------------------------------------------------------------------
     def run(self) -> int:
-        o = self.spec.outputs
-        self.check_before_loading()
-        with RunLock([o.checkpoint_out, o.lora_out, self.metrics_path]):
-            remove_stale_temps([o.checkpoint_out, o.lora_out, self.metrics_path, self.plot_path], out)
+        s, o, ranks = self.spec, self.spec.outputs, self.ranks
+        if ranks.world > 1:
+            ranks.start(self.device, s.model.dist_timeout)
+        with ranks.agreement():
+            self.check_before_loading()
+        lock = RunLock([o.checkpoint_out, o.lora_out, self.metrics_path])
+        try:
+            with ranks.agreement():
+                if ranks.is_main:  # one writer: rank 0 holds the lock and cleans up
+                    lock.acquire()
+                    remove_stale_temps([o.checkpoint_out, o.lora_out, self.metrics_path, self.plot_path], out)
             return self._run_locked()
+        finally:
+            lock.release()
 
     def _run_locked(self) -> int:
-        from loraforge.data.sources import build_sources
-        from loraforge.loader import load_model
-
-        s, o = self.spec, self.spec.outputs
+        s, o, ranks = self.spec, self.spec.outputs, self.ranks
         seed = s.model.seed if s.model.seed >= 0 else int(time.time()) % (2**31)
         ckpt = None
-        if o.checkpoint_in and os.path.exists(o.checkpoint_in):
-            ckpt = load_checkpoint(o.checkpoint_in)
+        with ranks.agreement():
+            if ranks.is_main and o.checkpoint_in and os.path.exists(o.checkpoint_in):
+                ckpt = load_checkpoint(o.checkpoint_in)
+        ckpt, seed = ranks.broadcast((ckpt, seed))  # rank 0's checkpoint and clock seed, on every process
+        if ckpt is not None:
             if s.model.seed >= 0 and s.model.seed != ckpt.state.seed:
                 warn(f"--seed {s.model.seed} ignored: resuming with the checkpoint's seed {ckpt.state.seed}")
             seed = ckpt.state.seed
         out(f"finetune: seed: {seed}")
-        loaded = load_model(s.model.model_base, s.model.base_dtype, self.device, s.model.quantize)
-        cfg, model = loaded.config, loaded.model
-        out(f"finetune: model base = '{loaded.source}' ({cfg.arch}, {cfg.num_hidden_layers} layers, "
-            f"n_embd {cfg.hidden_size}, n_head {cfg.num_attention_heads}/{cfg.num_key_value_heads}, "
-            f"n_ff {cfg.intermediate_size}, n_vocab {cfg.vocab_size}; base kept as {loaded.base_dtype} "
-            f"on {self.device})")
-        lora_cfg = lora_config(s, cfg.tie_word_embeddings)
-        data = build_sources(s.data, loaded.tokenizer, cfg, seed, out)
+        with ranks.agreement():
+            loaded, data, lora_cfg = self._load(seed)
+        self._check_same_inputs(loaded, data)
+        model = loaded.model
         source, eval_source = data.train, data.eval
-        if source.n_items == 0:
-            raise LoraforgeError("no training samples (the data is shorter than --ctx?)")
 
         torch.manual_seed(seed)
-        wrapped = inject(model, lora_cfg)
-        if not wrapped:
-            raise LoraforgeError("no module gets a LoRA adapter: every rank is 0")
+        with ranks.agreement():
+            wrapped = inject(model, lora_cfg)
+            if not wrapped:
+                raise LoraforgeError("no module gets a LoRA adapter: every rank is 0")
+        ranks.seed_own_stream(seed)
         model.gradient_checkpointing = s.model.checkpointing
+        if ranks.fsdp:
+            local, total_bytes = ranks.shard_base(model)
+            shares = ", ".join(str(b) for b in ranks.gather(local))
+            out(f"finetune: FSDP: the base's {total_bytes} bytes are sharded over {ranks.world} processes, "
+                f"which hold {shares} bytes")
         params = [p for p in model.parameters() if p.requires_grad]
         opt = s.optimizer
         optimizer = make_optimizer(params, opt.lr, opt.weight_decay, opt.adam_beta1, opt.adam_beta2, name=opt.optim)
@@ -216,36 +252,47 @@ class Finetune:
                            base_fingerprint=loaded.fingerprint)
         saver = Saver(s, model, optimizer, lora_cfg, loaded)
         if ckpt is not None:
-            state = self._resume(ckpt, model, optimizer, lora_cfg, loaded, source, data.fingerprint, saver)
+            with ranks.agreement():
+                state = self._resume(ckpt, model, optimizer, lora_cfg, loaded, source, data.fingerprint, saver)
+        ranks.copy_from_first(params)
 
         total = total_steps(s, source, state)
         n_iter = max(0, total - state.iteration)
         schedule = make_schedule(s, total)
         saves = [i for i in range(state.iteration + 1, total + 1) if s.loop.save_every and i % s.loop.save_every == 0]
-        check_run_outputs({"--checkpoint-out": o.checkpoint_out, "--lora-out": o.lora_out}, saves + [total])
+        with ranks.agreement():
+            if ranks.is_main:
+                check_run_outputs({"--checkpoint-out": o.checkpoint_out, "--lora-out": o.lora_out}, saves + [total])
         self._report_start(model, params, lora_cfg, wrapped, state, n_iter)
 
-        metrics = Metrics(self.metrics_path, resume_iteration=state.iteration if ckpt is not None else None)
-        run_name = s.logging.run_name or os.path.basename(pattern_path(o.lora_out, "run")).rsplit(".", 1)[0]
-        trackers = Trackers(self.trackers_wanted, s.logging.logging_dir or os.path.splitext(self.metrics_path)[0]
-                            + "-runs", run_name, s.to_dict())
-        printer = StepPrinter(metrics, trackers, n_iter, memory=lambda: peak_rss_bytes() / 2**20)
+        metrics = trackers = printer = Silent()  # ranks > 0 write nothing
+        with ranks.agreement():
+            if ranks.is_main:
+                metrics = Metrics(self.metrics_path, resume_iteration=state.iteration if ckpt is not None else None)
+                run_name = s.logging.run_name or os.path.basename(pattern_path(o.lora_out, "run")).rsplit(".", 1)[0]
+                trackers = Trackers(self.trackers_wanted, s.logging.logging_dir
+                                    or os.path.splitext(self.metrics_path)[0] + "-runs", run_name, s.to_dict())
+                printer = StepPrinter(metrics, trackers, n_iter, memory=lambda: peak_rss_bytes() / 2**20)
         evaluate = self._evaluator(model, eval_source, printer, saver)
         if evaluate is not None and s.loop.eval_on_start and state.iteration == 0:
             evaluate(state)
         opts = LoopOptions(n_iter=n_iter, lr=opt.lr, grad_acc=s.loop.grad_acc, grad_clip=opt.grad_clip,
-                           save_every=s.loop.save_every, eval_every=s.loop.eval_every, device=str(self.device))
+                           save_every=s.loop.save_every, eval_every=s.loop.eval_every, device=str(self.device),
+                           ranks=ranks)
         started, tokens_before = time.perf_counter(), state.tokens_seen
         try:
-            with Interrupt() as interrupt:
-                hooks = LoopHooks(printer, saver.save, evaluate, lambda: interrupt.requested)
+            with Interrupt(repeat_window_s=2.0 if ranks.world > 1 else 0.0) as interrupt:
+                hooks = LoopHooks(printer, lambda st: self._save(saver, st), evaluate,
+                                  lambda: ranks.any(interrupt.requested))
                 state, reason = train(model, source, optimizer, schedule, opts, state, hooks)
         finally:
             printer.close()
         elapsed = time.perf_counter() - started
         if evaluate is not None and reason == "done" and (not s.loop.eval_every or state.iteration % s.loop.eval_every):
             evaluate(state)
-        saver.finish(state)
+        with ranks.agreement():
+            if ranks.is_main:
+                saver.finish(state)
         tokens = state.tokens_seen - tokens_before
         done = state.iteration - (total - n_iter)
         out(f"finetune: done: {done} iterations in {format_hms(elapsed)} ({elapsed:.1f} s), "
@@ -257,7 +304,7 @@ class Finetune:
         if len(self.eval_losses) > 1:
             (first_it, first), (last_it, last) = self.eval_losses[0], self.eval_losses[-1]
             out(f"finetune: held-out loss {first:.4f} (iteration {first_it}) -> {last:.4f} (iteration {last_it})")
-        if o.plot_loss:
+        if o.plot_loss and ranks.is_main:
             self._plot()
         if reason == "early-stop":
             out(f"finetune: stopped early at iteration {state.iteration}: no lower eval loss in the last "
@@ -266,6 +313,54 @@ class Finetune:
             out(f"finetune: interrupted at iteration {state.iteration}; saved, run the same command to resume")
             return EXIT_INTERRUPTED
         return 0
+
+    def _load(self, seed: int) -> tuple[Any, Any, LoraConfig]:
+        """The base model, the data sources and the adapter layout. With --fsdp every process reads the
+        base on the CPU (memory-mapped where the format allows) and keeps only its shard on its device."""
+        from loraforge.data.sources import build_sources
+        from loraforge.loader import load_model
+
+        s = self.spec
+        base_dtype, device = s.model.base_dtype, self.device
+        if self.ranks.fsdp:
+            if base_dtype == "auto":
+                base_dtype = "bf16" if self.device.type == "cuda" else "f32"
+            device = torch.device("cpu")
+        loaded = load_model(s.model.model_base, base_dtype, device, s.model.quantize)
+        cfg = loaded.config
+        out(f"finetune: model base = '{loaded.source}' ({cfg.arch}, {cfg.num_hidden_layers} layers, "
+            f"n_embd {cfg.hidden_size}, n_head {cfg.num_attention_heads}/{cfg.num_key_value_heads}, "
+            f"n_ff {cfg.intermediate_size}, n_vocab {cfg.vocab_size}; base kept as {loaded.base_dtype} "
+            f"on {self.device})")
+        lora_cfg = lora_config(s, cfg.tie_word_embeddings)
+        data = build_sources(s.data, loaded.tokenizer, cfg, seed, out)
+        if data.train.n_items == 0:
+            raise LoraforgeError("no training samples (the data is shorter than --ctx?)")
+        return loaded, data, lora_cfg
+
+    def _check_same_inputs(self, loaded, data) -> None:
+        """Every process must read the same base and data as rank 0 (each node reads its own copies)."""
+        ranks = self.ranks
+        if ranks.world == 1:
+            return
+        views = ranks.gather((loaded.fingerprint, data.fingerprint, data.train.n_items))
+        with ranks.agreement():
+            if views[ranks.rank][0] != views[0][0]:
+                raise LoraforgeError(f"{loaded.source}: this is another base model file than rank 0's "
+                                     "(fingerprints differ); every node needs the same files")
+            if views[ranks.rank][1:] != views[0][1:]:
+                raise LoraforgeError(f"{self.spec.data.train_data}: this training data differs from rank 0's "
+                                     "(fingerprints differ); every node needs the same files")
+
+    def _save(self, saver: Saver, state: TrainState) -> None:
+        """Checkpoint and adapter (rank 0 writes); under torchrun with every process's random stream."""
+        ranks = self.ranks
+        if ranks.world > 1:
+            state.extra["world_size"] = ranks.world
+            state.extra["rank_rng"] = ranks.gather(rng_states())
+        with ranks.agreement():
+            if ranks.is_main:
+                saver.save(state)
 
     def _plot(self) -> None:
         from loraforge.train.report import plot_losses
@@ -288,13 +383,17 @@ class Finetune:
         patience = self.spec.loop.early_stopping_patience
         history: dict[str, Any] = {"best": float("inf"), "since": 0, "losses": self.eval_losses}
 
+        ranks = self.ranks
+
         def evaluate(state: TrainState) -> bool:
-            loss, ppl = evaluate_source(model, eval_source, self.device)
+            loss, ppl = evaluate_source(model, eval_source, self.device, ranks if ranks.world > 1 else None)
             printer.eval(state.iteration, loss, ppl)
             history["losses"].append((state.iteration, loss))
             if loss < history["best"]:
                 history["best"], history["since"] = loss, 0
-                saver.new_best(state, loss)
+                with ranks.agreement():
+                    if ranks.is_main:
+                        saver.new_best(state, loss)
             else:
                 history["since"] += 1
             return bool(patience) and history["since"] >= patience
@@ -341,11 +440,24 @@ class Finetune:
             raise file_error(path, str(e)) from None
         restore_rng(ckpt.rng)
         state = ckpt.state
+        world, saved_world = self.ranks.world, state.extra.pop("world_size", 1)
+        rank_rngs = state.extra.pop("rank_rng", None)
+        if saved_world == world and rank_rngs:  # every process continues its own random stream
+            restore_rng(rank_rngs[self.ranks.rank])
+        else:  # ranks > 0 start their own streams afresh
+            self.ranks.seed_own_stream(state.seed)
         if state.data_fingerprint != data_fp or state.n_items != source.n_items:
             out("finetune: train data seems to have changed. restarting shuffled epoch.")
             state.epoch_pos, state.n_items, state.data_fingerprint = 0, source.n_items, data_fp
         out(f"finetune: resuming from {path} at iteration {state.iteration}")
-        saver.sync_latest_adapter(state)
+        if saved_world != world:
+            dropout = (f"; dropout masks (--lora-dropout {lora_cfg.dropout:g}) come from other random streams than "
+                       "an uninterrupted run's" if lora_cfg.dropout else "")
+            out(f"finetune: the checkpoint was written by {saved_world} process(es), this run has {world}: the data "
+                f"order, global batches and schedule continue unchanged, sums are added in another order (losses can "
+                f"differ in the last digits){dropout}")
+        if self.ranks.is_main:
+            saver.sync_latest_adapter(state)
         return state
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import nn
@@ -18,6 +18,7 @@ from torch import nn
 from loraforge.data.batch import Batch
 from loraforge.errors import LoraforgeError
 from loraforge.train.checkpoint import TrainState
+from loraforge.train.distributed import Ranks
 from loraforge.train.optim import Schedule, set_lr
 
 
@@ -37,6 +38,7 @@ class LoopOptions:
     save_every: int = 0
     eval_every: int = 0
     device: str = "cpu"
+    ranks: Any = None  # train.distributed.Ranks under torchrun; None: this process alone
 
 
 @dataclass
@@ -98,6 +100,7 @@ def train(model: nn.Module, source: BatchSource, optimizer: torch.optim.Optimize
     (no eval improvement) or "interrupted" (should_stop said so); a non-finite loss or gradient
     raises NonFiniteLoss before the update, with nothing saved."""
     params = [p for p in model.parameters() if p.requires_grad]
+    ranks = opts.ranks if opts.ranks is not None else Ranks()
     order_cache: dict[int, list[int]] = {}
     model.train()
     started = time.perf_counter()
@@ -110,18 +113,24 @@ def train(model: nn.Module, source: BatchSource, optimizer: torch.optim.Optimize
         first_sample = state.epoch_pos + 1
 
         # Gradient accumulation: micro-batches weighted by their share of the step's labelled tokens.
+        # Under torchrun every process builds the same global micro-batches and runs its share of
+        # their rows; the weights use the global token count and the gradients are summed over the
+        # processes, so the step is the single-process one.
         micro_batches = [source.make_batch(next_items(state, source.items_per_batch, order_cache))
                          for _ in range(opts.grad_acc)]
         step_tokens = sum(b.n_labelled for b in micro_batches)
         loss_sum = 0.0
         for b in micro_batches:
-            loss, n = model.loss(b.input_ids.to(opts.device), b.labels.to(opts.device),
-                                 None if b.doc_ids is None else b.doc_ids.to(opts.device))
-            if n == 0:
+            if b.n_labelled:
+                state.samples_seen += b.input_ids.shape[0]
+            mine = ranks.rows(b)
+            loss, n = model.loss(mine.input_ids.to(opts.device), mine.labels.to(opts.device),
+                                 None if mine.doc_ids is None else mine.doc_ids.to(opts.device))
+            if n == 0 and not ranks.collective_backward:
                 continue
-            (loss * (n / step_tokens)).backward()
+            (loss * (n / max(step_tokens, 1))).backward()
             loss_sum += float(loss.detach()) * n
-            state.samples_seen += b.input_ids.shape[0]
+        loss_sum = ranks.sum_gradients(params, loss_sum, step_tokens)
         step_loss = loss_sum / max(step_tokens, 1)
         grad_norm = _clip(params, opts.grad_clip)
         if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):

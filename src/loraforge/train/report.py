@@ -21,12 +21,22 @@ from loraforge.errors import LoraforgeError, file_error
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 
 
+_quiet = False  # processes other than rank 0 of a torchrun run print nothing
+
+
+def set_quiet(quiet: bool) -> None:
+    global _quiet
+    _quiet = quiet
+
+
 def out(msg: str) -> None:
-    print(msg, flush=True)
+    if not _quiet:
+        print(msg, flush=True)
 
 
 def warn(msg: str) -> None:
-    print(f"warning: {msg}", file=sys.stderr, flush=True)
+    if not _quiet:
+        print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
 def format_hms(seconds: float) -> str:
@@ -191,6 +201,17 @@ class StepPrinter:
         out(f"eval: iter={iteration} eval_loss={loss:.6f} ppl={ppl:.3f}")
         self.metrics.write({"iter": iteration, "eval_loss": loss, "eval_ppl": ppl})
         self.trackers.log({"eval/loss": loss, "eval/perplexity": ppl}, iteration)
+
+
+class Silent:
+    """Stands in for Metrics, Trackers and StepPrinter where nothing is written (ranks > 0 of a
+    torchrun run): every call does nothing."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def __getattr__(self, name: str) -> Any:
+        return self
 
 
 # -- loss plot -----------------------------------------------------------------------------------

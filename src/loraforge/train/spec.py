@@ -70,6 +70,12 @@ class ModelSpec:
                               help="gradient (activation) checkpointing: less memory, ~30%% more time")
     no_flash: bool = opt(False, "--no-flash", hidden=("--flash",),
                          help="accepted for llama.cpp compatibility (SDPA picks the attention kernel)")
+    fsdp: bool = opt(False, "--fsdp",
+                     help="under torchrun: shard the frozen base over the processes with FSDP2 (a dense base: "
+                          "f32/f16/bf16); the LoRA weights stay whole on each process")
+    dist_timeout: int = opt(1800, "--dist-timeout",  # torch's default for gloo, transformers' ddp_timeout
+                            help="under torchrun: seconds a process waits for the others before the run stops "
+                                 "with an error (a process that died is usually noticed at once)")
 
 
 @dataclass
@@ -107,7 +113,9 @@ class DataSpec:
                                  help="training text, or a .json/.jsonl/.csv/.parquet instruction dataset "
                                       "(default: the bundled Shakespeare)")
     ctx: int = opt(128, "--ctx", help="tokens per text sample (and the row length of datasets)")
-    batch: int = opt(8, "--batch", "--batch-size", help="samples per micro-batch")
+    batch: int = opt(8, "--batch", "--batch-size",
+                     help="samples per micro-batch; under torchrun the global batch of all processes together "
+                          "(each of N processes runs batch/N of them, so it must divide by N)")
     sample_start: str = opt("", "--sample-start", help="text samples start at this string (default: every token)")
     include_sample_start: bool = opt(False, "--include-sample-start",
                                      help="keep the sample-start string in the sample")
@@ -374,7 +382,7 @@ def validate(spec: RunSpec) -> None:
         choices = f.metadata["choices"]
         if choices and v is not None and v not in choices:
             raise bad(name, f"must be one of {', '.join(choices)}, got {v!r}")
-    for name in ("batch", "ctx", "grad_acc", "lr", "epochs", "max_seq_length", "cos_decay_steps"):
+    for name in ("batch", "ctx", "grad_acc", "lr", "epochs", "max_seq_length", "cos_decay_steps", "dist_timeout"):
         if values[name] is not None and values[name] <= 0:
             raise bad(name, f"must be positive, got {values[name]}")
     for name in ("adam_iter", "max_steps", "save_every", "eval_every", "threads", "warmup", "lora_r",
