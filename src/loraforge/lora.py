@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -179,15 +179,57 @@ class LoRALinear(nn.Module):
             return y
         xd = self.dropout(x)
         for name, s in self.scaling.items():
-            if s == 0.0:
-                continue
-            a, b = self.lora_A[name], self.lora_B[name]
-            xa = F.linear(xd.to(a.dtype), a)  # (..., r)
-            if xa.dtype == y.dtype:  # y + s * xa @ B^T in one BLAS call
-                y = torch.addmm(y.reshape(-1, y.shape[-1]), xa.reshape(-1, xa.shape[-1]), b.t(), alpha=s).view(y.shape)
-            else:
-                y = y + F.linear(xa, b).to(y.dtype) * s
+            if s != 0.0:
+                y = add_lora(y, xd, self.lora_A[name], self.lora_B[name], s)
         return y
+
+
+def adapters_stackable(parts: Sequence[nn.Module]) -> bool:
+    """Whether the adapters of projections that read one input can run as one LoRA (`stacked_factors`):
+    not while a LoRA dropout is active (each projection draws its own mask), and with one LoRA dtype."""
+    dtypes = set()
+    for part in parts:
+        if not isinstance(part, LoRALinear):
+            continue
+        if part.training and isinstance(part.dropout, nn.Dropout) and part.dropout.p > 0:
+            return False
+        dtypes.update(a.dtype for a in part.lora_A.values())
+    return len(dtypes) <= 1
+
+
+def stacked_factors(parts: Sequence[nn.Module], out_sizes: Sequence[int]
+                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The active adapters of projections that read one input as one LoRA over their stacked outputs.
+
+    parts: the projections (LoRALinear or plain), out_sizes their output widths. Returns A (R, in), the
+    parts' A matrices stacked, and B (sum(out_sizes), R), block-diagonal with each part's B times its
+    scale, so x A^T B^T is every part's scale * x A_i^T B_i^T side by side; None when no part has one.
+    """
+    a_rows, b_blocks = [], []
+    for part, out in zip(parts, out_sizes):
+        a_part, b_part = [], []
+        if isinstance(part, LoRALinear):
+            for name, s in part.scaling.items():
+                if s != 0.0:
+                    a_part.append(part.lora_A[name])
+                    b_part.append(part.lora_B[name] * s)
+        a_rows += a_part
+        b_blocks.append(torch.cat(b_part, dim=1) if b_part else None)
+    if not a_rows:
+        return None
+    ref = a_rows[0]
+    blocks = [b if b is not None else ref.new_zeros(out, 0) for b, out in zip(b_blocks, out_sizes)]
+    return torch.cat(a_rows, dim=0), torch.block_diag(*blocks)
+
+
+def add_lora(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """y + scale * (x A^T) B^T for y (..., out), x (..., in), A (r, in), B (out, r); one BLAS call
+    (addmm) for the second product when the dtypes agree."""
+    xa = F.linear(x.to(a.dtype), a)  # (..., r)
+    if xa.dtype == y.dtype:
+        return torch.addmm(y.reshape(-1, y.shape[-1]), xa.reshape(-1, xa.shape[-1]), b.t(),
+                           alpha=scale).view(y.shape)
+    return y + F.linear(xa, b).to(y.dtype) * scale
 
 
 class LoRAEmbedding(nn.Module):

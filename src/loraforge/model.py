@@ -10,16 +10,27 @@ R rotary dims (<= D), C hidden size, F intermediate size, V vocabulary.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
 from loraforge.config import ModelConfig, longrope_threshold, rope_attention_factor, rope_inv_freq
+from loraforge.kernels.cpu_linear import frozen_linear
+from loraforge.stacked import StackedBase, refresh, stacked_forward
 
 IGNORE_INDEX = -100
 ACT_FNS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose frozen float32 weight multiplies through `kernels.cpu_linear` on the CPU."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return frozen_linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -96,12 +107,13 @@ class Attention(nn.Module):
         self.qkv_sizes = (cfg.q_size, cfg.kv_size, cfg.kv_size)
         self.fused_qkv = cfg.fused_qkv  # name of the module holding q, k, v rows stacked, or None
         if self.fused_qkv:
-            setattr(self, self.fused_qkv, nn.Linear(c, sum(self.qkv_sizes), bias=bias))
+            setattr(self, self.fused_qkv, Linear(c, sum(self.qkv_sizes), bias=bias))
         else:
-            self.q_proj = nn.Linear(c, cfg.q_size, bias=bias)
-            self.k_proj = nn.Linear(c, cfg.kv_size, bias=bias)
-            self.v_proj = nn.Linear(c, cfg.kv_size, bias=bias)
-        self.o_proj = nn.Linear(cfg.q_size, c, bias=cfg.o_proj_bias)
+            self.q_proj = Linear(c, cfg.q_size, bias=bias)
+            self.k_proj = Linear(c, cfg.kv_size, bias=bias)
+            self.v_proj = Linear(c, cfg.kv_size, bias=bias)
+        self.stacked_qkv: StackedBase | None = None  # q/k/v bases as one matrix (CausalLM.stack_projections)
+        self.o_proj = Linear(cfg.q_size, c, bias=cfg.o_proj_bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.norm_offset)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.norm_offset)
@@ -115,12 +127,16 @@ class Attention(nn.Module):
         """x (B, T, C) -> q (B, T, H*D), k and v (B, T, G*D)."""
         if self.fused_qkv:
             return getattr(self, self.fused_qkv)(x).split(self.qkv_sizes, dim=-1)
+        parts = (self.q_proj, self.k_proj, self.v_proj)
+        stacked = stacked_forward(x, self.stacked_qkv, parts)
+        if stacked is not None:
+            return stacked.split(self.qkv_sizes, dim=-1)
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 mask: torch.Tensor | None, cache: KVCache | None, start_pos: int) -> torch.Tensor:
         """x (B, T, C) -> (B, T, C). rope: cos, sin (B, 1, T, R) or None; mask (B|1, 1|H, T, S): bool
-        (True = attend), float biases (ALiBi), or None = plain causal."""
+        (True = attend), float biases (ALiBi), a flex-attention BlockMask, or None = plain causal."""
         b, t, _ = x.shape
         q, k, v = self.project_qkv(x)
         q = q.view(b, t, self.n_head, self.head_dim).transpose(1, 2)
@@ -134,6 +150,10 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v, start_pos)
         if self.softcap is not None:
             y = softcapped_attention(q, k, v, mask, self.scale or self.head_dim ** -0.5, self.softcap)
+        elif isinstance(mask, BlockMask):  # packed rows: per-document causal blocks, no dense mask
+            # contiguous copies: torch 2.13's compiled CPU flex kernel misreads a v whose strides differ from k's
+            y = flex_attention(q.contiguous(), k.contiguous(), v.contiguous(), block_mask=mask, scale=self.scale,
+                               enable_gqa=self.n_kv_head != self.n_head)
         else:
             causal = mask is None and t > 1 and start_pos == 0
             # grouped-query attention without copying k/v per query head
@@ -150,18 +170,20 @@ class MLP(nn.Module):
         c, f = cfg.hidden_size, cfg.intermediate_size
         self.fused_gate_up = cfg.fused_gate_up
         if self.fused_gate_up:
-            self.gate_up_proj = nn.Linear(c, 2 * f, bias=False)
+            self.gate_up_proj = Linear(c, 2 * f, bias=False)
         else:
-            self.gate_proj = nn.Linear(c, f, bias=False)
-            self.up_proj = nn.Linear(c, f, bias=False)
-        self.down_proj = nn.Linear(f, c, bias=False)
+            self.gate_proj = Linear(c, f, bias=False)
+            self.up_proj = Linear(c, f, bias=False)
+        self.stacked_gate_up: StackedBase | None = None  # gate/up bases as one matrix
+        self.down_proj = Linear(f, c, bias=False)
         self.act = ACT_FNS[cfg.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused_gate_up:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
+            stacked = stacked_forward(x, self.stacked_gate_up, (self.gate_proj, self.up_proj))
+            gate, up = stacked.chunk(2, dim=-1) if stacked is not None else (self.gate_proj(x), self.up_proj(x))
         return self.down_proj(self.act(gate) * up)
 
 
@@ -215,7 +237,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = Decoder(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         for name, table in rope_tables(cfg).items():
@@ -223,6 +245,9 @@ class CausalLM(nn.Module):
         if cfg.alibi:
             self.register_buffer("alibi_slopes", alibi_slopes(cfg.num_attention_heads), persistent=False)
         self.gradient_checkpointing = False
+        # q/k/v and gate/up as one matmul each (loraforge.stacked); LORAFORGE_STACK_PROJECTIONS=0 turns it off
+        self.stack_projections = os.environ.get("LORAFORGE_STACK_PROJECTIONS", "1") != "0"
+        self.compiled_layer = None  # loraforge.compiled.CompiledLayer: layers run through torch.compile
 
     # -- building blocks -------------------------------------------------------------------------
     def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -272,16 +297,38 @@ class CausalLM(nn.Module):
         cfg = self.config
         explicit = cfg.attn_logit_softcap is not None or cfg.alibi  # paths that need the mask spelled out
         windows = {layer.self_attn.window for layer in self.model.layers}
-        masks = {w: attention_mask(t, start_pos, doc_ids, w, device, explicit) for w in windows}
+        compiled = self.compiled_layer
+        if compiled is not None and (cache is not None or not compiled.active):
+            compiled = None
+        if doc_ids is not None and not explicit and compiled is not None and compiled.flex_attention and (
+                device.type == "cuda" or not torch.is_grad_enabled()):
+            # fused kernels, no T x T mask (torch 2.13's CPU flex attention has no backward: CPU training keeps
+            # the dense mask, B x T x T booleans, a few MB at CPU context lengths)
+            masks = {w: compiled.block_mask(doc_ids, w) for w in windows}
+        else:
+            masks = {w: attention_mask(t, start_pos, doc_ids, w, device, explicit) for w in windows}
         if cfg.alibi:
             masks = {w: alibi_bias(m, self.alibi_slopes, start_pos, x.dtype) for w, m in masks.items()}
         ropes = self.rope(position_ids, x.dtype)
+        self.refresh_stacks()
         for layer in self.model.layers:
+            run = layer if compiled is None else compiled.bind(layer)
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, ropes, masks, cache, start_pos, use_reentrant=False)
+                x = checkpoint(run, x, ropes, masks, cache, start_pos, use_reentrant=False)
             else:
-                x = layer(x, ropes, masks, cache, start_pos)
+                x = run(x, ropes, masks, cache, start_pos)
         return self.model.norm(x)
+
+    def refresh_stacks(self) -> None:
+        """Stack each layer's q/k/v and gate/up bases (`stack_projections`), or keep the valid stacks."""
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            if not attn.fused_qkv:
+                attn.stacked_qkv = (refresh(attn.stacked_qkv, (attn.q_proj, attn.k_proj, attn.v_proj))
+                                    if self.stack_projections else None)
+            if not mlp.fused_gate_up:
+                mlp.stacked_gate_up = (refresh(mlp.stacked_gate_up, (mlp.gate_proj, mlp.up_proj))
+                                       if self.stack_projections else None)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM-head logits of hidden states (..., C) -> (..., V) float32, soft-capped when configured."""
@@ -296,14 +343,16 @@ class CausalLM(nn.Module):
         return self.logits(self.hidden_states(input_ids, position_ids, doc_ids, cache, start_pos))
 
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, doc_ids: torch.Tensor | None = None,
-             position_ids: torch.Tensor | None = None, chunk_tokens: int = 1024) -> tuple[torch.Tensor, int]:
+             position_ids: torch.Tensor | None = None, chunk_tokens: int | None = None) -> tuple[torch.Tensor, int]:
         """Mean next-token cross-entropy over labels != -100, and the count of those tokens.
 
         labels (B, T) are already aligned: labels[b, t] is the token that should follow input_ids[b, t].
         """
         h = self.hidden_states(input_ids, position_ids, doc_ids)
         head = self.logits if self.config.final_logit_softcap is not None else self.lm_head
-        return chunked_cross_entropy(h.flatten(0, 1), labels.flatten(), head, chunk_tokens)
+        trainable = tuple(p for p in self.lm_head.parameters() if p.requires_grad)
+        return chunked_cross_entropy(h.flatten(0, 1), labels.flatten(), head, chunk_tokens, trainable,
+                                     self.config.vocab_size)
 
 
 def rope_tables(cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -361,6 +410,18 @@ def attention_mask(t: int, start_pos: int, doc_ids: torch.Tensor | None, window:
     return mask
 
 
+def document_block_mask(doc_ids: torch.Tensor, window: int | None) -> BlockMask:
+    """Flex-attention block mask of packed rows doc_ids (B, T): causal within each document (and the
+    last `window` positions). Blocks that no query of a document reaches are skipped by the kernels,
+    and the per-element rule is evaluated on the fly from doc_ids, never stored as a T x T mask."""
+    def same_document(b, h, q_idx, kv_idx):
+        visible = (kv_idx <= q_idx) & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
+        return visible if window is None else visible & (kv_idx > q_idx - window)
+
+    b, t = doc_ids.shape
+    return create_block_mask(same_document, b, None, t, t, device=doc_ids.device)
+
+
 def positions_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
     """Positions (B, T) restarting at 0 wherever doc_ids changes along T."""
     b, t = doc_ids.shape
@@ -371,17 +432,68 @@ def positions_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
     return idx - start_idx
 
 
-def _chunk_loss_sum(h: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
-    logits = lm_head(h).float()
-    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+# Logits held at once by the LM-head loss when chunk_tokens is not given: 64 MiB of float32 (341 tokens
+# of a 49152 vocabulary, 130 of a 128256 one).
+LOGITS_CHUNK_BYTES = 64 << 20
 
 
-def chunked_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module,
-                          chunk_tokens: int = 1024) -> tuple[torch.Tensor, int]:
-    """Cross-entropy of lm_head(hidden) (N, C) against labels (N,), never holding all N x V logits.
+class _HeadCrossEntropy(torch.autograd.Function):
+    """Sum of cross-entropies of head(hidden) against labels, chunk by chunk of tokens, with the
+    gradients made in the forward: per chunk the logits, their softmax turned in place into the
+    logits' gradient (softmax - one-hot), and the vector-Jacobian product through the head into the
+    hidden states (and the head's trainable parameters, e.g. an lm_head LoRA). The logits are freed
+    before the next chunk and never recomputed; backward only scales the stored gradients.
 
-    `lm_head` is any callable from hidden states to logits (a module, or `CausalLM.logits`).
-    Each chunk's logits are recomputed in backward (checkpointed), so peak memory is one chunk's.
+    hidden (N, C); labels (N,) all valid; head: hidden -> logits (any module or function); params:
+    the head's trainable tensors, passed so that autograd routes their gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, labels: torch.Tensor, head, chunk_tokens: int, *params: torch.Tensor):
+        wants_grad = ctx.needs_input_grad[0] or any(ctx.needs_input_grad[4:])
+        total = hidden.new_zeros((), dtype=torch.float32)
+        grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_params = [torch.zeros_like(p) if p.requires_grad else None for p in params]
+        for i in range(0, hidden.shape[0], chunk_tokens):
+            h, y = hidden[i:i + chunk_tokens].detach(), labels[i:i + chunk_tokens]
+            with torch.enable_grad():
+                h.requires_grad_(ctx.needs_input_grad[0])
+                out = head(h)
+                logits = out.detach().float()
+                lse = torch.logsumexp(logits, dim=-1)  # (n,)
+                total += (lse - logits.gather(1, y[:, None])[:, 0]).sum()
+                if not wants_grad:
+                    continue
+                grad_logits = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                grad_logits[torch.arange(len(y), device=y.device), y] -= 1.0
+                inputs = ([h] if ctx.needs_input_grad[0] else []) + [p for p in params if p.requires_grad]
+                grads = torch.autograd.grad(out, inputs, grad_logits.to(out.dtype))
+            grads = list(grads)
+            if grad_hidden is not None:
+                grad_hidden[i:i + chunk_tokens] = grads.pop(0)
+            for j, p in enumerate(params):
+                if p.requires_grad:
+                    grad_params[j] += grads.pop(0)
+        ctx.save_for_backward(*([] if grad_hidden is None else [grad_hidden]))
+        ctx.grad_params = grad_params
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        grad_hidden = ctx.saved_tensors[0] * grad_total.to(ctx.saved_tensors[0].dtype) if ctx.saved_tensors else None
+        grad_params = [None if g is None else g * grad_total.to(g.dtype) for g in ctx.grad_params]
+        return (grad_hidden, None, None, None, *grad_params)
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, lm_head, chunk_tokens: int | None = None,
+                          head_params: tuple[torch.Tensor, ...] = (), vocab_size: int | None = None
+                          ) -> tuple[torch.Tensor, int]:
+    """Cross-entropy of lm_head(hidden) (N, C) against labels (N,), never holding all N x V logits:
+    the LM head and the cross-entropy fused (`_HeadCrossEntropy`), chunk_tokens tokens at a time (None:
+    as many as LOGITS_CHUNK_BYTES of float32 logits of vocab_size hold, else 1024).
+
+    `lm_head` is any callable from hidden states to logits (a module, or `CausalLM.logits`);
+    head_params: its trainable tensors (an lm_head adapter), which get their gradients too.
     Returns (mean loss over valid tokens, number of valid tokens).
     """
     keep = labels != IGNORE_INDEX
@@ -389,14 +501,9 @@ def chunked_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, lm_head: n
     if n_valid == 0:
         return hidden.sum() * 0.0, 0
     hidden, labels = hidden[keep], labels[keep]
-    total = hidden.new_zeros((), dtype=torch.float32)
-    needs_grad = torch.is_grad_enabled() and hidden.requires_grad
-    for i in range(0, hidden.shape[0], chunk_tokens):
-        h, y = hidden[i:i + chunk_tokens], labels[i:i + chunk_tokens]
-        if needs_grad and hidden.shape[0] > chunk_tokens:
-            total = total + checkpoint(_chunk_loss_sum, h, y, lm_head, use_reentrant=False)
-        else:
-            total = total + _chunk_loss_sum(h, y, lm_head)
+    if chunk_tokens is None:
+        chunk_tokens = max(32, LOGITS_CHUNK_BYTES // (4 * vocab_size)) if vocab_size else 1024
+    total = _HeadCrossEntropy.apply(hidden, labels, lm_head, chunk_tokens, *head_params)
     return total / n_valid, n_valid
 
 

@@ -14,6 +14,8 @@ from gguf import quants as gguf_quants
 from torch.utils.checkpoint import checkpoint
 
 from loraforge.errors import LoraforgeError
+from loraforge.kernels.cpu_linear import frozen_linear
+from loraforge.model import Linear
 from loraforge.quant import linear as quant_linear
 from loraforge.quant.ggml import SUPPORTED_TYPES, bytes_per_row, dequantize, dequantize_rows, split_groups
 from loraforge.quant.linear import QuantEmbedding, QuantLinear
@@ -239,7 +241,8 @@ def test_quant_linear_matches_nn_linear(device: str, with_bias: bool) -> None:
     assert torch.equal(weight, dequantize(raw.to(device), T.Q4_K, (out_features, in_features)))
     assert torch.equal(layer.weight, weight)
 
-    dense = torch.nn.Linear(in_features, out_features, bias=with_bias).to(device)
+    # the dense layer the model holds instead: the same matmul kernels (oneDNN or torch's BLAS)
+    dense = Linear(in_features, out_features, bias=with_bias).to(device).requires_grad_(False)
     with torch.no_grad():
         dense.weight.copy_(weight)
         if with_bias:
@@ -366,7 +369,7 @@ def test_tied_head_shares_the_embedding_storage() -> None:
     head = QuantLinear.tied_to(embedding)
     assert head.q.data_ptr() == embedding.q.data_ptr() and head.scale.data_ptr() == embedding.scale.data_ptr()
     x = torch.randn(3, dim)
-    torch.testing.assert_close(head(x), x @ embedding.weight.t(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(head(x), frozen_linear(x, embedding.weight), rtol=1e-6, atol=1e-6)
 
 
 def _tame_raw(qtype: T, n_rows: int, n_cols: int, seed: int) -> torch.Tensor:
@@ -400,7 +403,7 @@ def test_one_row_product_from_split_values(monkeypatch: pytest.MonkeyPatch, qtyp
         y = layer(x)
     assert quant_linear.matvec.available(), quant_linear.matvec.unavailable_reason()
     assert calls and quant_linear.fused_matvec.enabled  # the kernel ran (and did not fall back)
-    ref = F.linear(x, weight, bias)
+    ref = frozen_linear(x, weight, bias)  # the dense model's product (same matmul kernels)
     bound = 2e-6 * (x.abs() @ weight.abs().t() + (0 if bias is None else bias.abs())) + 1e-7
     assert y.shape == (1, 1, out_features) and ((y - ref).abs() <= bound).all()
     # with autograd: the decoding path, and the same product
@@ -429,4 +432,4 @@ def test_one_row_product_without_a_compiler(monkeypatch: pytest.MonkeyPatch, tmp
     with torch.no_grad(), pytest.warns(RuntimeWarning, match="quantized matvec kernel unavailable"):
         y = layer(x)
     assert not quant_linear.fused_matvec.enabled and not quant_linear.matvec.available()
-    torch.testing.assert_close(y, x @ layer.dequantized_weight().t(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(y, frozen_linear(x, layer.dequantized_weight()), rtol=1e-6, atol=1e-6)

@@ -112,3 +112,53 @@ int loraforge_split_matvec(const int8_t *q, const void *scale, const void *offse
         return -1;
     return 0;
 }
+
+/* Decoding into float32 for the training matmuls: out = q * scale (+ offset), the product rounded to
+ * float32 before the offset is added, as ggml's reference decoders and torch's mul_ / add_ do, so
+ * the result is bit-identical to theirs: no fused multiply-add below this line. */
+#if defined(__clang__)
+#define NO_FMA _Pragma("clang fp contract(off)")
+#else
+#pragma GCC optimize("fp-contract=off")
+#define NO_FMA
+#endif
+
+#define DECODE_KERNEL(NAME, S, FACTOR)                                                          \
+    static void NAME(const int8_t *q, const FACTOR *scale, const FACTOR *offset, float *out,      \
+                     int64_t n_groups, int threads) {                                           \
+        NO_FMA                                                                                  \
+        _Pragma("omp parallel for schedule(static) num_threads(threads)")                     \
+        for (int64_t g = 0; g < n_groups; g++) {                                              \
+            const float s = (float)scale[g];                                                  \
+            const int8_t *qg = q + g * S;                                                     \
+            float *og = out + g * S;                                                          \
+            if (offset) {                                                                     \
+                const float o = (float)offset[g];                                             \
+                for (int k = 0; k < S; k++) og[k] = (float)qg[k] * s + o;                     \
+            } else {                                                                          \
+                for (int k = 0; k < S; k++) og[k] = (float)qg[k] * s;                         \
+            }                                                                                 \
+        }                                                                                     \
+    }
+
+DECODE_KERNEL(decode32_f16, 32, half)
+DECODE_KERNEL(decode32_f32, 32, float)
+DECODE_KERNEL(decode16_f16, 16, half)
+DECODE_KERNEL(decode16_f32, 16, float)
+
+/* q (n_groups, S) int8, scale / offset (n_groups) -> out (n_groups, S) float32. Returns 0, or -1
+ * for a group size / factor width without a kernel. */
+int loraforge_split_decode(const int8_t *q, const void *scale, const void *offset, int factor_bytes, float *out,
+                           int64_t n_groups, int64_t group_size, int threads) {
+    if (group_size == 32 && factor_bytes == 2)
+        decode32_f16(q, scale, offset, out, n_groups, threads);
+    else if (group_size == 32 && factor_bytes == 4)
+        decode32_f32(q, scale, offset, out, n_groups, threads);
+    else if (group_size == 16 && factor_bytes == 2)
+        decode16_f16(q, scale, offset, out, n_groups, threads);
+    else if (group_size == 16 && factor_bytes == 4)
+        decode16_f32(q, scale, offset, out, n_groups, threads);
+    else
+        return -1;
+    return 0;
+}

@@ -33,6 +33,7 @@ _FLAGS_NO_OPENMP = ("-O3", "-march=native", "-shared", "-fPIC")  # e.g. Apple's 
 class _Library:
     def __init__(self) -> None:
         self.function = None
+        self.decode = None
         self.unavailable_reason = ""
         self._tried = False
 
@@ -41,7 +42,7 @@ class _Library:
         if not self._tried:
             self._tried = True
             try:
-                self.function = _build_and_load()
+                self.function, self.decode = _build_and_load()
             except (OSError, RuntimeError, subprocess.SubprocessError) as e:
                 self.unavailable_reason = str(e)
         return self.function
@@ -82,7 +83,11 @@ def _build_and_load():
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
                    ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
-    return fn
+    decode = lib.loraforge_split_decode
+    decode.restype = ctypes.c_int
+    decode.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                       ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+    return fn, decode
 
 
 def available() -> bool:
@@ -110,3 +115,22 @@ def split_matvec(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: 
     rc = fn(q.data_ptr(), scale.data_ptr(), None if offset is None else offset.data_ptr(), scale.element_size(),
             x.data_ptr(), y.data_ptr(), rows, groups, size, torch.get_num_threads())
     return y if rc == 0 else None
+
+
+def split_decode(out: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None) -> bool:
+    """out (R, G, S) float32 = q * scale (+ offset), bit-identical to torch's multiply then add, in one
+    pass over the int8 values; q (R, G, S) int8 with S 16 or 32, scale / offset (R, G, 1) float16 or
+    float32, all contiguous on the CPU. False (out untouched) when not applicable."""
+    _library.load()
+    fn = _library.decode
+    if (fn is None or q.dim() != 3 or q.shape[2] not in (16, 32) or scale.dtype not in (torch.float16, torch.float32)
+            or out.dtype != torch.float32 or out.shape != q.shape or q.device.type != "cpu"):
+        return False
+    if offset is not None and offset.dtype != scale.dtype:
+        return False
+    if not all(t.is_contiguous() for t in (out, q, scale) + (() if offset is None else (offset,))):
+        return False
+    rows, groups, size = q.shape
+    rc = fn(q.data_ptr(), scale.data_ptr(), None if offset is None else offset.data_ptr(), scale.element_size(),
+            out.data_ptr(), rows * groups, size, torch.get_num_threads())
+    return rc == 0

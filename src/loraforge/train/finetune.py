@@ -264,6 +264,8 @@ class Finetune:
             if ranks.is_main:
                 check_run_outputs({"--checkpoint-out": o.checkpoint_out, "--lora-out": o.lora_out}, saves + [total])
         self._report_start(model, params, lora_cfg, wrapped, state, n_iter)
+        if n_iter > 0:
+            self._compile(model, source, n_iter)
 
         metrics = trackers = printer = Silent()  # ranks > 0 write nothing
         with ranks.agreement():
@@ -313,6 +315,30 @@ class Finetune:
             out(f"finetune: interrupted at iteration {state.iteration}; saved, run the same command to resume")
             return EXIT_INTERRUPTED
         return 0
+
+    def _compile(self, model, source, n_iter: int) -> None:
+        """--compile: compile the decoder layers on one step of the first batch (its time is reported and
+        not counted in tokens/s); a failure falls back to eager layers with one warning."""
+        from loraforge import compiled
+
+        mode, ranks = self.spec.model.compile, self.ranks
+        if not compiled.wanted(mode, self.device.type, n_iter, fsdp=ranks.fsdp):
+            return
+        compiled.enable(model, warn)
+        probe_batch = ranks.rows(source.make_batch(list(range(min(source.items_per_batch, source.n_items)))))
+        device = self.device
+
+        def step() -> None:
+            model.train()
+            loss, _ = model.loss(probe_batch.input_ids.to(device), probe_batch.labels.to(device),
+                                 None if probe_batch.doc_ids is None else probe_batch.doc_ids.to(device))
+            loss.backward()
+
+        seconds, active = compiled.probe(model, step)
+        if active:
+            out(f"finetune: compile: decoder layers compiled in {seconds:.1f} s ({mode}; not counted in tokens/s)")
+        else:
+            compiled.disable(model)
 
     def _load(self, seed: int) -> tuple[Any, Any, LoraConfig]:
         """The base model, the data sources and the adapter layout. With --fsdp every process reads the

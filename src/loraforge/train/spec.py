@@ -68,6 +68,9 @@ class ModelSpec:
     seed: int = opt(-1, "--seed", help="random seed (-1: from the clock; a resumed run keeps its seed)")
     checkpointing: bool = opt(True, "--use-checkpointing", negative="--no-checkpointing",
                               help="gradient (activation) checkpointing: less memory, ~30%% more time")
+    compile: str = opt("auto", "--compile", choices=("auto", "on", "off"),
+                       help="run the decoder layers through torch.compile (C++ on the CPU, Triton on CUDA); "
+                            "auto: on CUDA, and on the CPU for runs long enough to win back the compile time")
     no_flash: bool = opt(False, "--no-flash", hidden=("--flash",),
                          help="accepted for llama.cpp compatibility (SDPA picks the attention kernel)")
     fsdp: bool = opt(False, "--fsdp",
