@@ -162,28 +162,55 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float
     return tokens_per_s * flops_per_token / peak_flops
 
 
-def measure_cpu_sgemm_flops(threads: int, size: int = 1024, seconds: float = 1.5) -> float:
-    """Peak fp32 matmul FLOP/s of this CPU with `threads` threads: best of repeated
-    size x size sgemms over about `seconds` (torch's CPU BLAS, as training uses)."""
+def _best_rate(fn, flops: float, seconds: float) -> float:
+    import torch  # noqa: F401
+
+    for _ in range(3):
+        fn()
+    best = float("inf")
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return flops / best
+
+
+def measure_cpu_matmul_peaks(threads: int, size: int = 1024, seconds: float = 1.5) -> dict[str, float]:
+    """Best-of-repeats FLOP/s of size x size matmuls with `threads` threads: float32 through torch's
+    BLAS (`torch.mm`: MKL, which runs AVX2 code on non-Intel CPUs), float32 through oneDNN (the
+    kernels loraforge uses for frozen weights, `kernels.cpu_linear`), and bfloat16 (`torch.mm`,
+    oneDNN underneath)."""
     import torch
 
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        a = torch.randn(size, size)
-        b = torch.randn(size, size)
+        a, b = torch.randn(size, size), torch.randn(size, size)
         c = torch.empty(size, size)
-        for _ in range(3):
-            torch.mm(a, b, out=c)
-        best = float("inf")
-        deadline = time.perf_counter() + seconds
-        while time.perf_counter() < deadline:
-            t0 = time.perf_counter()
-            torch.mm(a, b, out=c)
-            best = min(best, time.perf_counter() - t0)
-        return 2.0 * size ** 3 / best
+        flops = 2.0 * size ** 3
+        peaks = {"fp32_blas": _best_rate(lambda: torch.mm(a, b, out=c), flops, seconds)}
+        if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+            bt = b.t().contiguous()
+            peaks["fp32_onednn"] = _best_rate(lambda: torch.ops.mkldnn._linear_pointwise(a, bt, None, "none", [], ""),
+                                              flops, seconds)
+        a16, b16 = a.bfloat16(), b.bfloat16()
+        peaks["bf16"] = _best_rate(lambda: torch.mm(a16, b16), flops, seconds)
+        return peaks
     finally:
         torch.set_num_threads(old)
+
+
+def measure_cpu_sgemm_flops(threads: int, size: int = 1024, seconds: float = 1.5) -> float:
+    """Peak float32 matmul FLOP/s of this CPU with `threads` threads: the better of torch's BLAS and
+    oneDNN (see measure_cpu_matmul_peaks), so that MFU is against what the machine can do in float32."""
+    peaks = measure_cpu_matmul_peaks(threads, size, seconds)
+    return max(v for k, v in peaks.items() if k.startswith("fp32"))
+
+
+def describe_peaks(peaks: dict[str, float]) -> str:
+    names = {"fp32_blas": "fp32 torch.mm (MKL)", "fp32_onednn": "fp32 oneDNN", "bf16": "bf16 torch.mm (oneDNN)"}
+    return ", ".join(f"{names[k]} {v / 1e9:.0f}" for k, v in peaks.items()) + " GFLOP/s"
 
 
 # Dense bf16 tensor-core peak (no sparsity), FLOP/s, by GPU name fragment.
@@ -217,7 +244,7 @@ def cpu_description() -> str:
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             text = f.read()
-        have = [x for x in ("avx512f", "avx2", "fma", "amx_tile") if f" {x}" in text]
+        have = [x for x in ("avx512f", "avx512_bf16", "avx512_vnni", "avx2", "fma", "amx_tile") if f" {x}" in text]
         flags = "/".join(have)
     except OSError:
         pass
@@ -246,6 +273,34 @@ def software_versions(names: Sequence[str] = ("torch", "transformers", "peft")) 
     return ", ".join(parts)
 
 
+def running_others(seconds: float = 5.0) -> float:
+    """Mean number of runnable tasks on the machine other than this one over `seconds` (/proc/loadavg's
+    running count, sampled), nan where /proc is missing."""
+    samples = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        try:
+            with open("/proc/loadavg", encoding="ascii") as f:
+                samples.append(int(f.read().split()[3].split("/")[0]) - 1)
+        except (OSError, ValueError, IndexError):
+            return float("nan")
+        time.sleep(0.25)
+    return sum(samples) / max(len(samples), 1)
+
+
+def wait_for_quiet(max_others: float = 0.5, max_wait_s: float = 1800.0) -> float:
+    """Before a contender runs: wait (up to max_wait_s) until other tasks use less than `max_others`
+    cores on average (a 2-thread step on a 2-core machine slows down many times when anything else
+    runs). Returns the last figure; prints what it waits for."""
+    started = time.perf_counter()
+    while True:
+        others = running_others()
+        if not others > max_others or time.perf_counter() - started > max_wait_s:
+            return others
+        print(f"[bench] waiting for a quiet machine: {others:.1f} other runnable tasks on average", flush=True)
+        time.sleep(20)
+
+
 def load_average() -> str:
     try:
         one, five, _ = os.getloadavg()
@@ -272,6 +327,8 @@ class Result:
     flops_per_token: float = float("nan")
     mfu: float = float("nan")
     load_s: float = float("nan")
+    compile_s: float = 0.0
+    group: str = ""  # ratios are against the peers of the same group (e.g. "fp32", "bf16")
     notes: str = ""
     error: str = ""
 
@@ -290,7 +347,7 @@ def emit_result(result: Result) -> None:
 
 
 def run_contender(name: str, argv: list[str], log_path: str, timeout_s: float,
-                  cwd: str | None = None, echo: bool = True) -> Result:
+                  cwd: str | None = None, echo: bool = True, env: dict[str, str] | None = None) -> Result:
     """Run one worker command in its own process; parse its result line.
 
     The worker's stdout+stderr go to `log_path`. The child's own peak RSS is also taken from
@@ -300,7 +357,7 @@ def run_contender(name: str, argv: list[str], log_path: str, timeout_s: float,
         print(f"[bench] {name}: {' '.join(argv[1:])}", flush=True)
     started = time.perf_counter()
     with open(log_path, "w", encoding="utf-8") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=worker_env())
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env={**worker_env(), **(env or {})})
         timer = threading.Timer(timeout_s, proc.kill)
         timer.start()
         try:
@@ -346,9 +403,11 @@ def markdown_table(results: Sequence[Result], title: str, header_lines: Sequence
     `peer_names`, so each ratio is the conservative one.
     """
     peers = [r for r in results if r.name in peer_names and not r.error]
-    best_peer_tps = max((r.tokens_per_s for r in peers), default=float("nan"))
     mem_of = (lambda r: r.peak_rss_mib / 1024) if memory == "rss" else (lambda r: r.gpu_reserved_gib)
-    lean_peer_mem = min((mem_of(r) for r in peers), default=float("nan"))
+    best_peer_tps = {g: max((p.tokens_per_s for p in peers if p.group == g), default=float("nan"))
+                     for g in {r.group for r in results}}
+    lean_peer_mem = {g: min((mem_of(p) for p in peers if p.group == g), default=float("nan"))
+                     for g in {r.group for r in results}}
     mem_head = "peak RSS GiB" if memory == "rss" else "max reserved GiB"
     lines = [f"### {title}", ""]
     lines += [f"- {h}" for h in header_lines]
@@ -361,8 +420,8 @@ def markdown_table(results: Sequence[Result], title: str, header_lines: Sequence
         mem = mem_of(r)
         lines.append(
             f"| {r.name} | {_fmt(r.tokens_per_s, '.1f')} | {_fmt(r.median_step_s, '.3f')} | {_fmt(mem, '.2f')} | "
-            f"{_fmt(100 * r.mfu, '.1f')}% | {_fmt(r.tokens_per_s / best_peer_tps, '.2f')} | "
-            f"{_fmt(mem / lean_peer_mem, '.2f')} |")
+            f"{_fmt(100 * r.mfu, '.1f')}% | {_fmt(r.tokens_per_s / best_peer_tps[r.group], '.2f')} | "
+            f"{_fmt(mem / lean_peer_mem[r.group], '.2f')} |")
     notes = [f"- {r.name}: {r.notes}" for r in results if r.notes and not r.error]
     if notes:
         lines += [""] + notes

@@ -26,6 +26,12 @@ def _layer_forward(layer: nn.Module, x: torch.Tensor, ropes: dict, masks: dict) 
     return layer(x, ropes, masks, None, 0)
 
 
+def _is_control_flow(e: BaseException) -> bool:
+    """Exceptions torch uses to steer a computation, not failures: gradient checkpointing stops a
+    recomputation early by raising one through the layer."""
+    return type(e).__name__ == "_StopRecomputationError"
+
+
 def _default_warning(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=3)
 
@@ -70,6 +76,8 @@ class CompiledLayer:
                 try:
                     return self.fn(layer, x, ropes, masks)
                 except Exception as e:  # noqa: BLE001
+                    if _is_control_flow(e):
+                        raise
                     self.fail(e)
             return layer(x, ropes, masks, cache, start_pos)
         return run
@@ -81,14 +89,14 @@ class CompiledLayer:
 AUTO_MIN_CPU_STEPS = 300
 
 
-def wanted(mode: str, device_type: str, n_steps: int, fsdp: bool = False) -> bool:
+def wanted(mode: str, device_type: str, n_steps: int, distributed: bool = False) -> bool:
     """Whether --compile MODE compiles a run of n_steps on this device type: on/off as said; auto on
-    CUDA, and on the CPU from AUTO_MIN_CPU_STEPS steps (not with FSDP's sharded layers)."""
+    CUDA, and on the CPU from AUTO_MIN_CPU_STEPS steps; auto stays eager under torchrun."""
     if mode not in MODES:
         raise ValueError(f"compile mode must be one of {MODES}, got {mode!r}")
     if mode != "auto":
         return mode == "on"
-    if fsdp:
+    if distributed:
         return False
     return device_type == "cuda" or n_steps >= AUTO_MIN_CPU_STEPS
 
@@ -116,7 +124,7 @@ def probe(model: nn.Module, step: Callable[[], None]) -> tuple[float, bool]:
     try:
         step()
     except Exception as e:  # noqa: BLE001 - e.g. the backward's lazy compilation
-        if compiled is None:
+        if compiled is None or _is_control_flow(e):
             raise
         compiled.fail(e)
     finally:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraforge.errors import LoraforgeError
+from loraforge.kernels.cpu_linear import lora_applies, lora_outputs
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Stacked projections (Phi-3's qkv_proj and gate_up_proj, Baichuan's W_pack) and what they stack: one
@@ -197,34 +198,41 @@ def adapters_stackable(parts: Sequence[nn.Module]) -> bool:
     return len(dtypes) <= 1
 
 
-def stacked_factors(parts: Sequence[nn.Module], out_sizes: Sequence[int]
-                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The active adapters of projections that read one input as one LoRA over their stacked outputs.
+def _active(part: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
+    """(A, B, scale) of the part's adapters that contribute (scale != 0)."""
+    if not isinstance(part, LoRALinear):
+        return []
+    return [(part.lora_A[n], part.lora_B[n], s) for n, s in part.scaling.items() if s != 0.0]
 
-    parts: the projections (LoRALinear or plain), out_sizes their output widths. Returns A (R, in), the
-    parts' A matrices stacked, and B (sum(out_sizes), R), block-diagonal with each part's B times its
-    scale, so x A^T B^T is every part's scale * x A_i^T B_i^T side by side; None when no part has one.
-    """
-    a_rows, b_blocks = [], []
-    for part, out in zip(parts, out_sizes):
-        a_part, b_part = [], []
-        if isinstance(part, LoRALinear):
-            for name, s in part.scaling.items():
-                if s != 0.0:
-                    a_part.append(part.lora_A[name])
-                    b_part.append(part.lora_B[name] * s)
-        a_rows += a_part
-        b_blocks.append(torch.cat(b_part, dim=1) if b_part else None)
-    if not a_rows:
-        return None
-    ref = a_rows[0]
-    blocks = [b if b is not None else ref.new_zeros(out, 0) for b, out in zip(b_blocks, out_sizes)]
-    return torch.cat(a_rows, dim=0), torch.block_diag(*blocks)
+
+def stacked_outputs(y: torch.Tensor, x: torch.Tensor, parts: Sequence[nn.Module], sizes: Sequence[int]
+                    ) -> list[torch.Tensor]:
+    """The outputs of projections that read one input x (..., in), given their base outputs side by side
+    y (..., sum(sizes)): each part's slice plus its adapters. With one adapter per part, float32 on the
+    CPU, all the rank-r products run as one LoRA over the stack (`kernels.cpu_linear.lora_outputs`:
+    one x A^T product for every part, oneDNN throughout); else part by part."""
+    adapters = [_active(p) for p in parts]
+    flat = [t for pairs in adapters for a, b, _ in pairs for t in (a, b)]
+    if all(len(pairs) <= 1 for pairs in adapters) and flat and lora_applies(y, x, flat):
+        a = torch.cat([pairs[0][0] for pairs in adapters if pairs])
+        ranks = tuple(pairs[0][0].shape[0] if pairs else 0 for pairs in adapters)
+        scales = tuple(pairs[0][2] if pairs else 0.0 for pairs in adapters)
+        return list(lora_outputs(y, x, a, tuple(sizes), ranks, scales, [pairs[0][1] if pairs else None
+                                                                         for pairs in adapters]))
+    outs = []
+    for part_y, pairs in zip(y.split(list(sizes), dim=-1), adapters):
+        for a, b, scale in pairs:
+            part_y = add_lora(part_y, x, a, b, scale)
+        outs.append(part_y)
+    return outs
 
 
 def add_lora(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """y + scale * (x A^T) B^T for y (..., out), x (..., in), A (r, in), B (out, r); one BLAS call
-    (addmm) for the second product when the dtypes agree."""
+    """y + scale * (x A^T) B^T for y (..., out), x (..., in), A (r, in), B (out, r): by oneDNN for float32
+    on the CPU (`kernels.cpu_linear.lora_outputs`), else one BLAS call (addmm) for the second product
+    when the dtypes agree."""
+    if lora_applies(y, x, [a, b]):
+        return lora_outputs(y, x, a, (y.shape[-1],), (a.shape[0],), (scale,), [b])[0]
     xa = F.linear(x.to(a.dtype), a)  # (..., r)
     if xa.dtype == y.dtype:
         return torch.addmm(y.reshape(-1, y.shape[-1]), xa.reshape(-1, xa.shape[-1]), b.t(),

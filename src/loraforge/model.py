@@ -127,10 +127,9 @@ class Attention(nn.Module):
         """x (B, T, C) -> q (B, T, H*D), k and v (B, T, G*D)."""
         if self.fused_qkv:
             return getattr(self, self.fused_qkv)(x).split(self.qkv_sizes, dim=-1)
-        parts = (self.q_proj, self.k_proj, self.v_proj)
-        stacked = stacked_forward(x, self.stacked_qkv, parts)
+        stacked = stacked_forward(x, self.stacked_qkv, (self.q_proj, self.k_proj, self.v_proj))
         if stacked is not None:
-            return stacked.split(self.qkv_sizes, dim=-1)
+            return tuple(stacked)
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
@@ -183,7 +182,7 @@ class MLP(nn.Module):
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
             stacked = stacked_forward(x, self.stacked_gate_up, (self.gate_proj, self.up_proj))
-            gate, up = stacked.chunk(2, dim=-1) if stacked is not None else (self.gate_proj(x), self.up_proj(x))
+            gate, up = stacked if stacked is not None else (self.gate_proj(x), self.up_proj(x))
         return self.down_proj(self.act(gate) * up)
 
 
@@ -464,7 +463,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
                 total += (lse - logits.gather(1, y[:, None])[:, 0]).sum()
                 if not wants_grad:
                     continue
-                grad_logits = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                grad_logits = torch.softmax(logits, dim=-1)  # a new tensor: the head's backward may need `out`
                 grad_logits[torch.arange(len(y), device=y.device), y] -= 1.0
                 inputs = ([h] if ctx.needs_input_grad[0] else []) + [p for p in params if p.requires_grad]
                 grads = torch.autograd.grad(out, inputs, grad_logits.to(out.dtype))

@@ -9,9 +9,9 @@ rows, so the stack costs no memory. It is cheap to call before every forward: th
 while the parts' tensors are still those views, and rebuilt when something replaced them
 (`load_state_dict(assign=True)`, a device or dtype move, FSDP's sharding, which it leaves alone).
 
-Measured on SmolLM2-135M (batch 4 x ctx 64, 2 threads, AVX-512): one (256 x 576) @ (576 x 960)
-product instead of 576 -> 576, 192, 192, and one 576 -> 3072 instead of two 576 -> 1536, with the
-LoRA A products (rank 4 each) as one rank-12 / rank-8 product; see bench/README.md for the step.
+On SmolLM2-135M (batch 4 x ctx 64): one (256 x 576) @ (576 x 960) product instead of 576 -> 576, 192,
+192, one 576 -> 3072 instead of two 576 -> 1536, the adapters' x A^T products (rank 4 each) as one
+rank-12 / rank-8 product, and as many fewer autograd nodes; see bench/README.md for the step.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from loraforge.kernels.cpu_linear import frozen_linear
-from loraforge.lora import LoRALinear, adapters_stackable, add_lora, stacked_factors
+from loraforge.lora import LoRALinear, adapters_stackable, stacked_outputs
 from loraforge.quant.linear import QuantLinear
 
 
@@ -135,11 +135,9 @@ def refresh(current: StackedBase | None, parts: Sequence[nn.Module]) -> StackedB
 
 
 def stacked_forward(x: torch.Tensor, stacked: StackedBase | None, parts: Sequence[nn.Module]
-                    ) -> torch.Tensor | None:
-    """The parts' outputs side by side (..., sum of their widths) by one base matmul and one LoRA pair;
-    None when there is no stack or the adapters need their own paths (the caller runs each part)."""
+                    ) -> list[torch.Tensor] | None:
+    """The parts' outputs [(..., out_i)] by one base matmul and one LoRA over the stack; None when there
+    is no stack or the parts need their own paths (a LoRA dropout, forward hooks): the caller runs each."""
     if stacked is None or not adapters_stackable(parts) or any(_hooked(p) for p in parts):
         return None
-    y = stacked(x)
-    factors = stacked_factors(parts, stacked.sizes)
-    return y if factors is None else add_lora(y, x, *factors)
+    return stacked_outputs(stacked(x), x, parts, stacked.sizes)

@@ -241,7 +241,7 @@ def test_compile_failure_falls_back_with_one_warning(tiny_llama_folder):
 
 def test_compile_modes():
     assert compiled.wanted("on", "cpu", 1) and not compiled.wanted("off", "cuda", 10**6)
-    assert compiled.wanted("auto", "cuda", 1) and not compiled.wanted("auto", "cuda", 1, fsdp=True)
+    assert compiled.wanted("auto", "cuda", 1) and not compiled.wanted("auto", "cuda", 1, distributed=True)
     assert not compiled.wanted("auto", "cpu", compiled.AUTO_MIN_CPU_STEPS - 1)
     assert compiled.wanted("auto", "cpu", compiled.AUTO_MIN_CPU_STEPS)
 

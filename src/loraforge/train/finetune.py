@@ -160,6 +160,7 @@ class Finetune:
         self.plot_path = os.path.splitext(self.metrics_path)[0] + ".png"
         self.trackers_wanted = spec.report_targets()
         self.eval_losses: list[tuple[int, float]] = []  # (iteration, held-out loss) of this invocation
+        self.compile_seconds = 0.0  # --compile: time spent compiling before the timed steps
 
     # -- before the model loads ---------------------------------------------------------------
     def check_before_loading(self) -> None:
@@ -299,7 +300,7 @@ class Finetune:
         done = state.iteration - (total - n_iter)
         out(f"finetune: done: {done} iterations in {format_hms(elapsed)} ({elapsed:.1f} s), "
             f"{tokens / max(elapsed, 1e-9):.1f} tokens/s, {peak_memory_text(self.device)}")
-        metrics.write({"summary": True, "iterations": done, "seconds": elapsed,
+        metrics.write({"summary": True, "iterations": done, "seconds": elapsed, "compile_s": self.compile_seconds,
                        "tokens_per_s": tokens / max(elapsed, 1e-9), "peak_rss_mib": peak_rss_bytes() / 2**20})
         metrics.close()
         trackers.close()
@@ -322,7 +323,7 @@ class Finetune:
         from loraforge import compiled
 
         mode, ranks = self.spec.model.compile, self.ranks
-        if not compiled.wanted(mode, self.device.type, n_iter, fsdp=ranks.fsdp):
+        if not compiled.wanted(mode, self.device.type, n_iter, distributed=ranks.world > 1):
             return
         compiled.enable(model, warn)
         probe_batch = ranks.rows(source.make_batch(list(range(min(source.items_per_batch, source.n_items)))))
@@ -335,6 +336,7 @@ class Finetune:
             loss.backward()
 
         seconds, active = compiled.probe(model, step)
+        self.compile_seconds = seconds
         if active:
             out(f"finetune: compile: decoder layers compiled in {seconds:.1f} s ({mode}; not counted in tokens/s)")
         else:
