@@ -226,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="smoke run: 1 warm-up + 2 timed steps")
     p.add_argument("--only", default=None, help=f"comma-separated subset of: {', '.join(CONTENDERS)}")
     p.add_argument("--no-bf16", action="store_true", help="leave out the bf16 pair")
+    p.add_argument("--max-wait", type=float, default=1800,
+                   help="seconds to wait before each contender for other work on the machine to stop (0: none)")
     p.add_argument("--model", default=None, help="GGUF base (default: the embedded SmolLM2-135M-Instruct Q4_1)")
     p.add_argument("--train-data", default=None, help="text file (default: bundled Shakespeare)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per contender")
@@ -268,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--steps", str(args.steps),
                    "--warmup", str(args.warmup), "--threads", str(args.threads), "--model", args.model,
                    "--train-data", args.train_data, "--work", work, "--batches", batches]
-            wait_for_quiet()
+            if args.max_wait > 0:
+                wait_for_quiet(max_wait_s=args.max_wait)
             r = run_contender(name, cmd, os.path.join(work, f"{name}.log"), args.timeout, env=env)
             r.group = precision(name)
             if not r.error:

@@ -43,10 +43,19 @@ def packed_batch(vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return ids, labels, doc_ids
 
 
-def train(path: str, base_dtype: str, stack: bool, compile_layers: bool, steps: int = STEPS):
+def train(path: str, base_dtype: str, stack: bool, compile_layers: bool, steps: int = STEPS,
+          backend: str | None = None):
     """Losses and adapter tensors of `steps` SGD steps of a rank-4 all-linear LoRA learning one packed
     batch (SGD: the updates are the gradients, so the comparison is not blurred by Adam's normalisation
-    of near-zero gradients)."""
+    of near-zero gradients). backend: force the CPU matmul backend ("aten": torch's own matmuls)."""
+    cpu_linear.set_backend(backend)
+    try:
+        return _train(path, base_dtype, stack, compile_layers, steps)
+    finally:
+        cpu_linear.set_backend(None)
+
+
+def _train(path: str, base_dtype: str, stack: bool, compile_layers: bool, steps: int):
     model = load_model(path, base_dtype).model
     torch.manual_seed(0)
     inject(model, LoraConfig(r=4, alpha=8, target_modules="all-linear"))
@@ -82,12 +91,12 @@ def max_diffs(a, b) -> tuple[float, float]:
 @pytest.mark.slow
 @pytest.mark.parametrize("base_dtype", ["f32", "quantized"])
 def test_stacked_and_compiled_training_match_eager(tiny_llama_folder, tiny_q8_gguf, base_dtype):
-    """5 steps on packed rows: separate projections in eager layers (the reference) against stacked
-    projections eagerly and in compiled layers; then the trained compiled model's logits without
+    """5 steps on packed rows: torch's own matmuls, separate projections, eager layers (the reference)
+    against oneDNN matmuls with stacked projections, eagerly and in compiled layers; then the trained compiled model's logits without
     gradients, where packed rows go through flex attention (torch's CPU flex attention has no backward,
     so CPU training keeps the dense mask), against its eager logits."""
     path = tiny_llama_folder if base_dtype == "f32" else tiny_q8_gguf
-    reference = train(path, base_dtype, stack=False, compile_layers=False)
+    reference = train(path, base_dtype, stack=False, compile_layers=False, backend="aten")
     stacked = train(path, base_dtype, stack=True, compile_layers=False)
     fast = train(path, base_dtype, stack=True, compile_layers=True)
     attn = stacked[2].model.layers[0].self_attn
