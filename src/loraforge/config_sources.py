@@ -9,11 +9,13 @@ layer count (Gemma's 27B attention scale, Baichuan 13B's ALiBi).
 from __future__ import annotations
 
 import copy
+import json
 import math
+import os
 from typing import Any, Collection, Mapping
 
 from loraforge.config import ACTIVATIONS, ModelConfig
-from loraforge.errors import file_error
+from loraforge.errors import LoraforgeError, file_error
 from loraforge.formats.names import ARCHES, GGUF_ARCHES
 
 HF_MODEL_TYPES: dict[str, str] = {t: arch for arch, facts in ARCHES.items() for t in facts.hf_model_types}
@@ -194,7 +196,7 @@ def _gguf_layer_types(meta: Mapping[str, Any], arch: str, n_layers: int, default
     return _pattern_types(n_layers, int(pattern))
 
 
-def config_from_gguf(meta: Mapping[str, Any], source: str, n_vocab: int | None = None, has_output: bool = True,
+def _config_from_gguf(meta: Mapping[str, Any], source: str, n_vocab: int | None = None, has_output: bool = True,
                      tensor_names: Collection[str] | None = None) -> ModelConfig:
     """A `ModelConfig` from GGUF key/values, read as llama.cpp reads them."""
     arch = meta.get("general.architecture")
@@ -353,3 +355,33 @@ def config_to_hf_dict(cfg: ModelConfig) -> dict[str, Any]:
     if cfg.eos_token_id is not None:
         d["eos_token_id"] = cfg.eos_token_id
     return d
+
+
+def config_from_gguf_metadata(meta: Mapping[str, Any], source: str, n_vocab: int | None = None,
+                              has_output: bool = True, tensor_names: Collection[str] | None = None
+                              ) -> ModelConfig:
+    """Numbers from GGUF keys (`{arch}.embedding_length` ...). `has_output`: an output.weight exists;
+    `tensor_names`: the file's tensors, which tell biases, q/k norms and fused projections apart.
+
+    A value of the wrong type or out of range is a one-line error naming `source`."""
+    try:
+        return _config_from_gguf(meta, source, n_vocab, has_output, tensor_names)
+    except LoraforgeError as e:
+        if str(e).startswith(f"{source}: "):
+            raise
+        raise file_error(source, str(e)) from None
+    except (TypeError, ValueError, OverflowError, ZeroDivisionError, IndexError) as e:
+        raise file_error(source, f"GGUF metadata value of the wrong type or out of range ({e})") from None
+
+
+def config_from_hf_folder(folder: str | os.PathLike) -> ModelConfig:
+    """The config.json of a Hugging Face model folder; one-line errors for a missing or broken file."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise file_error(folder, "no config.json in this folder (not a Hugging Face model folder)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise file_error(path, f"not valid JSON ({e})") from None
+    return config_from_hf_dict(d, source=path)
