@@ -101,6 +101,14 @@ def shakespeare_text() -> str:
     return (importlib.resources.files("loraforge") / "assets" / "shakespeare.txt").read_text(encoding="utf-8")
 
 
+@pytest.fixture(scope="session")
+def shakespeare_file(tmp_path_factory: pytest.TempPathFactory, shakespeare_text: str) -> Path:
+    """The first 6,000 characters of the bundled text as a file: training data for tiny-model runs."""
+    path = tmp_path_factory.mktemp("text") / "train.txt"
+    path.write_text(shakespeare_text[:6000], encoding="utf-8")
+    return path
+
+
 # --- tiny random Hugging Face models ------------------------------------------------------------
 
 @pytest.fixture
