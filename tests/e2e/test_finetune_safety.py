@@ -169,3 +169,30 @@ def test_stale_temps_removed_and_lagging_adapter_rewritten(tmp_path: Path, tiny_
     assert "lora-LATEST.gguf did not match the checkpoint (an interrupted save); re-written from iteration 3" in out
     assert (tmp_path / "lora-LATEST.gguf").read_bytes() == (tmp_path / "lora-3.gguf").read_bytes()
     assert sorted(p.name for p in tmp_path.glob(".*.tmp")) == [".other-file.gguf.x.tmp"]
+
+
+def test_a_failed_adapter_write_takes_its_checkpoint_back(tmp_path: Path, tiny_llama_folder: str,
+                                                          shakespeare_file: Path, monkeypatch, capsys) -> None:
+    """A save writes checkpoint-N, then adapter-N: when the adapter fails, checkpoint-N goes again, so no
+    iteration has half a pair, and LATEST stays at the previous save."""
+    from loraforge.errors import LoraforgeError
+    from loraforge.train.saver import Saver
+
+    monkeypatch.chdir(tmp_path)
+    run = flags(tiny_llama_folder, shakespeare_file) + ["--save-every", "1"]
+    assert main(["finetune", *run, "--max-steps", "1"]) == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.glob("*.gguf")}
+    calls = {"n": 0}
+    real = Saver.write_adapter
+
+    def failing(self, path, adapter):
+        calls["n"] += 1
+        raise LoraforgeError(f"{path}: could not be written (a test failure)")
+
+    monkeypatch.setattr(Saver, "write_adapter", failing)
+    assert main(["finetune", *run, "--max-steps", "2"]) == 2
+    assert calls["n"] == 1 and "could not be written" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("*.gguf")} == before  # no chk-2.gguf left
+    monkeypatch.setattr(Saver, "write_adapter", real)
+    assert main(["finetune", *run, "--max-steps", "2"]) == 0
+    assert (tmp_path / "chk-2.gguf").exists() and (tmp_path / "lora-2.gguf").exists()
