@@ -250,28 +250,17 @@ def _family_metadata(w, c: dict[str, Any], arch: str, head_dim: int) -> None:
             w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0)
 
 
-def _gguf_tensors(name: str, array, c: dict[str, Any], arch: str):
-    """(GGUF name, array) pairs of one HF tensor, as llama.cpp's converter stores them: Gemma's norms
-    with 1 added, llama-arch q/k rows permuted, Baichuan's W_pack split into q, k, v."""
+def _gguf_tensors(name: str, array, cfg):
+    """(GGUF name, array) pairs of one HF tensor, laid out as llama.cpp's converter stores them for the
+    `cfg` family (loraforge's `gguf_arch.tensor_layout`: Gemma's norms with 1 added, llama-arch q/k rows
+    permuted, Baichuan's W_pack split into q, k, v)."""
     import numpy as np
+    import torch
 
-    from loraforge.formats.names import (hf_to_gguf_name, is_norm_plus_one, needs_qk_permutation,
-                                         permute_qk_hf_to_gguf, qk_heads)
+    from loraforge.formats.gguf_arch import tensor_layout
 
-    heads, kv_heads = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
-    if name.endswith(".self_attn.W_pack.weight"):
-        q, k, v = np.split(array, 3)
-        prefix = name[: -len("W_pack.weight")]
-        parts = [(prefix + "q_proj.weight", q), (prefix + "k_proj.weight", k), (prefix + "v_proj.weight", v)]
-    else:
-        parts = [(name, array)]
-    for hf_name, value in parts:
-        if is_norm_plus_one(hf_name, arch):
-            value = value + np.float32(1.0)
-        n = qk_heads(hf_name, heads, kv_heads)
-        if needs_qk_permutation(arch) and n is not None:
-            value = permute_qk_hf_to_gguf(value, n)
-        yield hf_to_gguf_name(hf_name, arch), np.ascontiguousarray(value)
+    for layout in tensor_layout(name, cfg):
+        yield layout.gguf_name, np.ascontiguousarray(layout.apply(torch.from_numpy(array)).numpy())
 
 
 def write_gguf(path: str | os.PathLike, hf_config: dict[str, Any], tensors: dict[str, Any], arch: str | None = None,
@@ -291,9 +280,11 @@ def write_gguf(path: str | os.PathLike, hf_config: dict[str, Any], tensors: dict
     import gguf
     import numpy as np
 
+    from loraforge.config import ModelConfig
     from loraforge.config_sources import HF_MODEL_TYPES
 
     c = hf_config
+    cfg = ModelConfig.from_hf_dict(c)
     arch = arch or {"mistral": "llama"}.get(c["model_type"]) or HF_MODEL_TYPES.get(c["model_type"], c["model_type"])
     heads, kv_heads = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
     head_dim = c.get("head_dim") or c["hidden_size"] // heads
@@ -340,7 +331,7 @@ def write_gguf(path: str | os.PathLike, hf_config: dict[str, Any], tensors: dict
     for name, value in tensors.items():
         if name == "lm_head.weight" and c.get("tie_word_embeddings", arch in ("gemma2", "gemma3")):
             continue
-        for gguf_name, array in _gguf_tensors(name, np.asarray(value, dtype=np.float32), c, arch):
+        for gguf_name, array in _gguf_tensors(name, np.asarray(value, dtype=np.float32), cfg):
             if block and array.ndim == 2 and array.shape[1] % block == 0:
                 w.add_tensor(gguf_name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
             else:
