@@ -18,7 +18,8 @@ tokens; Mistral and Baichuan: Llama SentencePiece), and converted by our convert
   bounded; q4_k_m has exactly the per-tensor types llama.cpp's own quantizer gives our f32 file.
 - a PEFT adapter on every projection (Phi-3's qkv_proj / gate_up_proj and Baichuan's W_pack as they
   are) exported with `loraforge export --to gguf -m HF_FOLDER` moves llama.cpp's logits on the
-  converted base as peft moves the reference's (max |diff| <= 1e-3).
+  converted base as peft moves the reference's (max |diff| <= 1e-3); merged while converting
+  (`loraforge merge -m HF_FOLDER --lora PEFT -o x.gguf`) it gives peft's logits.
 - tokenizers: llama.cpp's token ids equal transformers' for the Qwen-style BPE and the Gemma-style
   SentencePiece model on multilingual text and a Gemma chat (control tokens); the GGUF says what
   llama.cpp's converter says (pre "qwen2"; no space prefix, add_bos, control turn tokens).
@@ -285,7 +286,8 @@ def test_peft_adapter_exported_for_the_converted_base(family, case, tmp_path):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     peft_model.save_pretrained(tmp_path / "peft")
     tokens = cycle_tokens(model.config.vocab_size, 32, start=3)
-    expected = reference_logits(peft_model, tokens) - reference_logits(model, tokens)
+    peft_logits = reference_logits(peft_model, tokens)
+    expected = peft_logits - reference_logits(model, tokens)
     out = tmp_path / "adapter.gguf"
     assert main(["export", "--in", str(tmp_path / "peft"), "--to", "gguf", "-m", str(folder), "--out", str(out)]) == 0
     cpp = LlamaCpp(convert("f32"), n_ctx=N_CTX)
@@ -293,10 +295,19 @@ def test_peft_adapter_exported_for_the_converted_base(family, case, tmp_path):
         effect = cpp.logits(tokens, [(str(out), 1.0)]) - cpp.logits(tokens)
     finally:
         cpp.llm.close()
+    merged = tmp_path / "merged.gguf"  # the same adapter merged while converting
+    assert main(["merge", "-m", str(folder), "--lora", str(tmp_path / "peft"), "-o", str(merged),
+                 "--outtype", "f32"]) == 0
+    cpp = LlamaCpp(str(merged), n_ctx=N_CTX)
+    try:
+        merged_logits = cpp.logits(tokens)
+    finally:
+        cpp.llm.close()
     print(f"\n{case}: peft effect up to {np.abs(expected).max():.3f}, llama.cpp's differs by "
-          f"{np.abs(effect - expected).max():.2e}")
+          f"{np.abs(effect - expected).max():.2e}; merged file vs peft {np.abs(merged_logits - peft_logits).max():.2e}")
     assert np.abs(expected).max() > 50 * TOL
     assert np.abs(effect - expected).max() <= tolerance(model)
+    assert np.abs(merged_logits - peft_logits).max() <= tolerance(model)
 
 
 # --- what the files say ------------------------------------------------------------------------------
@@ -429,19 +440,22 @@ def test_convert_ollama_with_the_real_chat_template(family, case, tmp_path, go_r
 
 # --- refusals ----------------------------------------------------------------------------------------
 
-def test_what_llama_cpp_cannot_hold_is_refused(family_factory, tiny_tokenizer_writer, tmp_path, capsys):
-    """A Gemma 2 whose query_pre_attn_scalar llama.cpp would not use; a Baichuan whose layer count is
-    neither 7B's nor 13B's (llama.cpp would run it without position encoding); a merge of an
-    embed_tokens adapter into a tied Gemma 2 (llama.cpp's gemma2 has no separate output layer): one
-    line each, nothing written."""
+def test_what_llama_cpp_cannot_hold_is_refused(family_factory, tiny_hf_factory, tiny_tokenizer_writer, tmp_path,
+                                               capsys):
+    """A Gemma 2 whose query_pre_attn_scalar llama.cpp would not use; an untied Gemma 2 (llama.cpp's
+    gemma2 always uses the token embeddings as output); a Baichuan whose layer count is neither 7B's nor
+    13B's (llama.cpp would run it without position encoding); a merge of an embed_tokens adapter into a
+    tied Gemma 2: one line each, nothing written."""
     from baichuan_reference import make_tiny_baichuan
 
     _, folder = family_factory("gemma2")  # query_pre_attn_scalar 24, head_dim 16
     _, tied_folder = family_factory("gemma2-caps")
+    _, untied_folder = tiny_hf_factory("gemma2", tie_word_embeddings=False)
     make_tiny_baichuan(tmp_path / "baichuan", tiny_tokenizer_writer, n_layers=3)
     capsys.readouterr()
     out = tmp_path / "g.gguf"
-    for source, words in ((folder, "query_pre_attn_scalar"), (tmp_path / "baichuan", "3-layer Baichuan")):
+    for source, words in ((folder, "query_pre_attn_scalar"), (untied_folder, "untied gemma2"),
+                          (tmp_path / "baichuan", "3-layer Baichuan")):
         assert main(["convert", str(source), "-o", str(out)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "config.json" in err[0] and words in err[0] and not out.exists(), err

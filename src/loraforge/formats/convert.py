@@ -297,7 +297,7 @@ def convert_hf_to_gguf(folder: str | os.PathLike, out_path: str | os.PathLike, o
     import gguf
 
     from loraforge.atomic import atomic_path
-    from loraforge.formats.gguf_arch import arch_metadata, arch_spec
+    from loraforge.formats.gguf_arch import add_metadata, arch_metadata, arch_spec
     from loraforge.formats.gguf_tokenizer import tokenizer_kv
     from loraforge.merge import weight_delta_exists
     from loraforge.quant.mixes import FILE_TYPES, parse_outtype
@@ -318,17 +318,7 @@ def convert_hf_to_gguf(folder: str | os.PathLike, out_path: str | os.PathLike, o
     writer = gguf.GGUFWriter(path=None, arch=spec.gguf_arch)
     writer.add_type("model")
     writer.add_name(_model_name(folder, cfg))
-    for key, value in arch_metadata(cfg).items():
-        if isinstance(value, list):
-            writer.add_array(key, value)
-        elif isinstance(value, bool):
-            writer.add_bool(key, value)
-        elif isinstance(value, int):
-            writer.add_uint32(key, value)
-        elif isinstance(value, float):
-            writer.add_float32(key, value)
-        else:
-            writer.add_string(key, str(value))
+    add_metadata(writer, arch_metadata(cfg))
     writer.add_file_type(int(FILE_TYPES[outtype]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     tokenizer.write(writer)

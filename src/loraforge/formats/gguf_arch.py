@@ -166,6 +166,11 @@ def check_expressible(cfg: ModelConfig, source: str) -> None:
             raise file_error(source, f"query_pre_attn_scalar {cfg.query_pre_attn_scalar:g}: llama.cpp scales "
                                      f"attention by 1/sqrt({theirs}) for a {cfg.num_hidden_layers}-layer "
                                      f"{cfg.arch} model and GGUF has no key to change it")
+    from loraforge.formats.names import arch_facts
+
+    if arch_facts(llama_cpp_arch(cfg.arch)).output_tied and not cfg.tie_word_embeddings:
+        raise file_error(source, f"an untied {cfg.arch} model: llama.cpp's {cfg.arch} always uses the token "
+                                 "embeddings as its output layer")
     if cfg.arch == "gemma2" and (cfg.attn_logit_softcap is None or cfg.final_logit_softcap is None):
         raise file_error(source, "gemma2 without attn_logit_softcapping / final_logit_softcapping: llama.cpp "
                                  "always soft-caps Gemma 2 (50 / 30 when the file says nothing)")
@@ -252,6 +257,22 @@ def arch_metadata(cfg: ModelConfig) -> dict[str, Any]:
     if spec.family_keys is not None:
         keys.update({f"{a}.{k}": v for k, v in spec.family_keys(cfg).items()})
     return keys
+
+
+def add_metadata(writer: Any, keys: dict[str, Any]) -> None:
+    """Add `arch_metadata`-style {key: value} to a gguf.GGUFWriter: lists as arrays, bools as BOOL, ints as
+    UINT32, floats as FLOAT32, the rest as strings (the types llama.cpp's converter writes)."""
+    for key, value in keys.items():
+        if isinstance(value, list):
+            writer.add_array(key, value)
+        elif isinstance(value, bool):
+            writer.add_bool(key, value)
+        elif isinstance(value, int):
+            writer.add_uint32(key, value)
+        elif isinstance(value, float):
+            writer.add_float32(key, value)
+        else:
+            writer.add_string(key, str(value))
 
 
 # -- tensors -----------------------------------------------------------------------------------------
