@@ -2,13 +2,14 @@
 split rules, and SentencePiece models in the Llama, Gemma and Phi-3 styles, written the way their
 Hugging Face folders hold them. Each builder returns the vocabulary size.
 
-- Gemma style (Gemma 2 / 3), tokenizer.model + tokenizer.json: BPE with byte fallback, no dummy prefix (no leading "\u2581"), digits
-  split, whitespace-only pieces; ids <pad> 0, <eos> 1, <bos> 2, <unk> 3; `<start_of_turn>` /
-  `<end_of_turn>` as user-defined pieces, marked special in tokenizer_config.json's
-  added_tokens_decoder as Gemma 3 ships it; add_bos_token; Gemma 3's chat template.
-- Phi-3 style, tokenizer.model + tokenizer.json: a Llama SentencePiece model (<unk> 0, <s> 1, </s> 2, dummy prefix) plus Phi-3's added
-  tokens after it (<|endoftext|>, <|assistant|>, <|end|>, <|user|>, <|system|>, special), Phi-3.5's
-  chat template, eos <|endoftext|>.
+- Gemma style (Gemma 2 / 3), tokenizer.model + tokenizer.json: BPE with byte fallback, no dummy
+  prefix (no leading "\u2581"), digits split, whitespace-only pieces; ids <pad> 0, <eos> 1, <bos> 2,
+  <unk> 3; `<start_of_turn>` / `<end_of_turn>` as user-defined pieces, marked special in
+  tokenizer_config.json's added_tokens_decoder as Gemma 3 ships it; add_bos_token; Gemma 3's chat
+  template.
+- Phi-3 style, tokenizer.model + tokenizer.json: a Llama SentencePiece model (<unk> 0, <s> 1, </s> 2,
+  dummy prefix) plus Phi-3's added tokens after it (<|endoftext|>, <|assistant|>, <|end|>, <|user|>,
+  <|system|>, special), Phi-3.5's chat template, eos <|endoftext|>.
 - Llama style (Mistral, Baichuan 2): tokenizer.model alone (Baichuan 2 ships no tokenizer.json).
 """
 

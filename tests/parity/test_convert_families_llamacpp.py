@@ -21,8 +21,9 @@ tokens; Mistral and Baichuan: Llama SentencePiece), and converted by our convert
   converted base as peft moves the reference's (max |diff| <= 1e-3); merged while converting
   (`loraforge merge -m HF_FOLDER --lora PEFT -o x.gguf`) it gives peft's logits.
 - tokenizers: llama.cpp's token ids equal transformers' for the Qwen-style BPE and the Gemma-style
-  SentencePiece model on multilingual text and a Gemma chat (control tokens); the GGUF says what
-  llama.cpp's converter says (pre "qwen2"; no space prefix, add_bos, control turn tokens).
+  SentencePiece model (from tokenizer.model, and from tokenizer.json alone) on multilingual text and
+  a Gemma chat (control tokens); the GGUF says what llama.cpp's converter says (pre "qwen2"; no
+  space prefix, add_bos, control turn tokens).
 - `convert --ollama` on the Gemma 3 and Phi-3 folders writes Modelfiles whose Go template renders as
   their jinja chat templates.
 - what llama.cpp cannot hold is refused with one line before anything is written.
@@ -46,13 +47,15 @@ pytest.importorskip("transformers")
 from adapter_models import LlamaCpp  # noqa: E402
 from conftest import make_tiny_hf_model  # noqa: E402
 from convert_models import cycle_tokens, ggml_gelu, train_on_cycle  # noqa: E402
-from convert_tokenizers import (GEMMA3_TEMPLATE, PHI35_TEMPLATE, QWEN2_SPLIT, TEXTS, train_byte_level,  # noqa: E402
-                                write_gemma_tokenizer, write_llama_spm_tokenizer, write_phi3_tokenizer)
+from convert_tokenizers import (GEMMA3_TEMPLATE, PHI3_ADDED, PHI35_TEMPLATE, QWEN2_SPLIT, TEXTS,  # noqa: E402
+                                train_byte_level, write_gemma_tokenizer, write_llama_spm_tokenizer,
+                                write_phi3_tokenizer)
 from family_cases import BAICHUAN_CASES, FAMILY_CASES  # noqa: E402
 from loraforge.cli import main  # noqa: E402
 from loraforge.formats.convert import convert_hf_to_gguf  # noqa: E402
 from loraforge.loader import load_model  # noqa: E402
-from test_ollama_template import CONVERSATIONS, go_render, modelfile_template  # noqa: E402,F401 (go_render: fixture)
+from test_ollama_template import CONVERSATIONS, modelfile_template  # noqa: E402
+from test_ollama_template import go_render  # noqa: E402,F401,F811 (a session fixture: Go's text/template)
 
 pytestmark = pytest.mark.llamacpp
 
@@ -61,7 +64,7 @@ N_CTX = 64
 WIDE = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
 TOKENIZERS = {"qwen": lambda f: train_byte_level(f, QWEN2_SPLIT, False), "gemma": write_gemma_tokenizer,
               "phi3": write_phi3_tokenizer, "llama-spm": write_llama_spm_tokenizer}
-# case -> (family_cases.py case, tokenizer, overrides); token ids of the tokenizers (bos, eos)
+# case -> (family_cases.py case, tokenizer, config overrides)
 CASES = {
     "qwen3": ("qwen3", "qwen", dict(WIDE, head_dim=64)),  # 256 columns: real Q4_K / Q6_K rows
     "gemma2": ("gemma2-caps", "gemma", dict(attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
@@ -75,9 +78,9 @@ CASES = {
 }
 # trained a few steps on the token cycle (clear next-token margins for the quantized checks)
 TRAINED = ("qwen3", "gemma2", "phi3-partial", "mistral-headdim", "baichuan-7b")
-SPECIAL_IDS = {"qwen": dict(bos_token_id=0, eos_token_id=2), "gemma": dict(bos_token_id=2, eos_token_id=1, pad_token_id=0),
-               "phi3": dict(bos_token_id=1, eos_token_id=None, pad_token_id=None),
-               "llama-spm": dict(bos_token_id=1, eos_token_id=2)}
+# bos / eos / pad ids of each tokenizer (Phi-3's: <s>, and <|endoftext|> right after the SentencePiece pieces)
+SPECIAL_IDS = {"qwen": dict(bos_token_id=0, eos_token_id=2), "llama-spm": dict(bos_token_id=1, eos_token_id=2),
+               "gemma": dict(bos_token_id=2, eos_token_id=1, pad_token_id=0)}
 SEPARATE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PEFT_TARGETS = {"phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head"],
                 "baichuan": ["W_pack", "o_proj", "gate_proj", "up_proj", "down_proj"]}
@@ -149,9 +152,8 @@ def family(tmp_path_factory, tokenizer_files):
                 train_on_cycle(model)
                 save_baichuan(model, folder)
         else:
-            ids = {k: v for k, v in SPECIAL_IDS[kind].items()}
-            if kind == "phi3":
-                ids["eos_token_id"] = ids["pad_token_id"] = vocab - 5  # <|endoftext|>
+            endoftext = vocab - len(PHI3_ADDED)
+            ids = SPECIAL_IDS.get(kind, dict(bos_token_id=1, eos_token_id=endoftext, pad_token_id=endoftext))
             model = make_tiny_hf_model(folder, seed=1, **{**FAMILY_CASES[source], **overrides, "vocab_size": vocab,
                                                           **ids})
             copy_tokenizer(folder)
@@ -392,15 +394,22 @@ def test_qwen_bpe_token_ids_equal_transformers(family):
         assert llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) == reference(text)["input_ids"], text
 
 
-def test_gemma_spm_token_ids_equal_transformers(family):
+@pytest.mark.parametrize("source", ["tokenizer.model", "tokenizer.json"])
+def test_gemma_spm_token_ids_equal_transformers(family, source, tmp_path):
     """A Gemma-style SentencePiece model: no space prefix, BOS added, <start_of_turn> / <end_of_turn> as
-    control tokens; ids equal transformers' on multilingual text and on a rendered chat."""
+    control tokens; ids equal transformers' on multilingual text and on a rendered chat. Read from
+    tokenizer.model (as llama.cpp's converter reads it), and from tokenizer.json alone (what
+    transformers 5 saves)."""
     from transformers import AutoTokenizer
 
     from loraforge.formats.gguf_file import read_gguf
 
     _, folder, convert = family("gemma3")
     path = convert("f32")
+    if source == "tokenizer.json":
+        shutil.copytree(folder, tmp_path / "json-only", ignore=shutil.ignore_patterns("*.gguf", "tokenizer.model"))
+        folder, path = tmp_path / "json-only", str(tmp_path / "json-only.gguf")
+        convert_hf_to_gguf(folder, path, "f32", log=lambda s: None)
     meta = read_gguf(path).metadata
     assert (meta["tokenizer.ggml.model"], meta["tokenizer.ggml.add_space_prefix"]) == ("llama", False)
     assert meta["tokenizer.ggml.add_bos_token"] is True and meta["tokenizer.chat_template"] == GEMMA3_TEMPLATE

@@ -179,8 +179,8 @@ def check_expressible(cfg: ModelConfig, source: str) -> None:
 
         if cfg.num_hidden_layers not in (BAICHUAN_ROPE_LAYERS, BAICHUAN_ALIBI_LAYERS):
             raise file_error(source, f"a {cfg.num_hidden_layers}-layer Baichuan: llama.cpp applies RoPE to the "
-                                     f"{BAICHUAN_ROPE_LAYERS}-layer model and ALiBi to the {BAICHUAN_ALIBI_LAYERS}-layer "
-                                     "one only, and no position encoding to any other")
+                                     f"{BAICHUAN_ROPE_LAYERS}-layer model and ALiBi to the "
+                                     f"{BAICHUAN_ALIBI_LAYERS}-layer one only, and no position encoding to any other")
     if cfg.arch == "gemma3" and cfg.attn_logit_softcap is not None:
         raise file_error(source, "gemma3 with attn_logit_softcapping: llama.cpp's Gemma 3 has no attention "
                                  "soft-capping")
