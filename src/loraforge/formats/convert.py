@@ -233,19 +233,33 @@ def plan_tensors(folder: str, cfg: ModelConfig, outtype: str,
             return t
         return values
 
-    def placed(read: Callable[[], torch.Tensor], layout) -> Callable[[], torch.Tensor]:
-        return lambda: layout.apply(read())
+    held: dict[str, list] = {}  # a stacked tensor split into several GGUF tensors: read once, kept for its parts
+
+    def placed(hf_name: str, read: Callable[[], torch.Tensor], layout, n_parts: int) -> Callable[[], torch.Tensor]:
+        def values() -> torch.Tensor:
+            if n_parts == 1:
+                return layout.apply(read())
+            entry = held.setdefault(hf_name, [None, n_parts])
+            if entry[0] is None:
+                entry[0] = read()
+            entry[1] -= 1
+            part = layout.apply(entry[0])
+            if entry[1] == 0:
+                del held[hf_name]
+            return part
+        return values
 
     plan: list[PlannedTensor] = []
     for gguf_name, array in extra_tensors(cfg).items():
         plan.append(PlannedTensor(gguf_name, None, tuple(array.shape), "F32", lambda a=array: torch.from_numpy(a)))
     for hf_name in expected:
         read = loader(hf_name, sources[hf_name])
-        for layout in tensor_layout(hf_name, cfg):
+        layouts = tensor_layout(hf_name, cfg)
+        for layout in layouts:
             rows = sources[hf_name].shape[0] if layout.rows is None else layout.rows[1] - layout.rows[0]
             shape = (rows, *sources[hf_name].shape[1:])
             plan.append(PlannedTensor(layout.gguf_name, hf_name, shape, tensor_qtype(layout.gguf_name, shape, outtype),
-                                      placed(read, layout)))
+                                      placed(hf_name, read, layout, len(layouts))))
     if untied_output:  # the adapted model's output differs from its input embedding
         src = sources["model.embed_tokens.weight"]
         plan.append(PlannedTensor("output.weight", "lm_head.weight", src.shape,
