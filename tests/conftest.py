@@ -251,11 +251,11 @@ def write_gguf(path: str | os.PathLike, hf_config: dict[str, Any], tensors: dict
     import gguf
     import numpy as np
 
-    from loraforge.config import ModelConfig
+    from loraforge.config_sources import config_from_hf_dict
     from loraforge.formats.gguf_arch import add_metadata, arch_metadata, extra_tensors, llama_cpp_arch
 
     c = hf_config
-    cfg = ModelConfig.from_hf_dict(c)
+    cfg = config_from_hf_dict(c)
     arch = llama_cpp_arch(cfg.arch)
     w = gguf.GGUFWriter(os.fspath(path), arch)
     # (llama.cpp's vocabulary loader looks for Phi-3's "<unk>", "<s>" ... in a model *named* phi3)
