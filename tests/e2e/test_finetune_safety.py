@@ -12,8 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from loraforge.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
