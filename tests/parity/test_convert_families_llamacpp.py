@@ -47,7 +47,8 @@ pytest.importorskip("transformers")
 from adapter_models import LlamaCpp  # noqa: E402
 from conftest import make_tiny_hf_model  # noqa: E402
 from convert_models import cycle_tokens, ggml_gelu, train_on_cycle  # noqa: E402
-from convert_tokenizers import (GEMMA3_TEMPLATE, PHI3_ADDED, PHI35_TEMPLATE, QWEN2_SPLIT, TEXTS,  # noqa: E402
+from chat_templates import GEMMA3_TEMPLATE, PHI35_TEMPLATE  # noqa: E402
+from convert_tokenizers import (PHI3_ADDED, QWEN2_SPLIT, TEXTS,  # noqa: E402
                                 train_byte_level, write_gemma_tokenizer, write_llama_spm_tokenizer,
                                 write_phi3_tokenizer)
 from family_cases import BAICHUAN_CASES, FAMILY_CASES  # noqa: E402

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from loraforge.errors import LoraforgeError, file_error
+from loraforge.tokenizer import tokenizer_components
 
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
 
@@ -237,19 +238,6 @@ def _sentencepiece_model(folder: Path, vocab_size: int) -> TokenizerKV:
     return TokenizerKV("llama", "default", tokens, types, scores, add_space_prefix=prefix)
 
 
-def _components(node: Any, type_name: str) -> list[dict[str, Any]]:
-    found: list[dict[str, Any]] = []
-    if isinstance(node, dict):
-        if node.get("type") == type_name:
-            found.append(node)
-        for value in node.values():
-            found += _components(value, type_name)
-    elif isinstance(node, list):
-        for value in node:
-            found += _components(value, type_name)
-    return found
-
-
 def _sentencepiece_json(path: Path, spec: dict[str, Any], vocab_size: int) -> TokenizerKV:
     """A SentencePiece-style tokenizer.json (BPE + byte fallback, or Unigram) as a "llama" vocabulary."""
     model = spec["model"]
@@ -289,9 +277,9 @@ def _sentencepiece_json(path: Path, spec: dict[str, Any], vocab_size: int) -> To
             text = text.replace("\u2581", " ")
         tokens[i], scores[i] = text, (scores[i] if i in pieces else -1000.0)
     tokens, types, scores = tokens[:size], types[:size], scores[:size]
-    prefix = bool(_components(spec.get("normalizer"), "Prepend")) or any(
+    prefix = bool(tokenizer_components(spec.get("normalizer"), "Prepend")) or any(
         m.get("prepend_scheme", "always") != "never" and m.get("add_prefix_space", True)
-        for m in _components(spec.get("pre_tokenizer"), "Metaspace"))
+        for m in tokenizer_components(spec.get("pre_tokenizer"), "Metaspace"))
     return TokenizerKV("llama", "default", tokens, types, scores, add_space_prefix=prefix)
 
 
