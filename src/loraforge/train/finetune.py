@@ -171,7 +171,8 @@ class Finetune:
         set_threads(s.model.threads)
         if s.data.batch % ranks.world:
             raise LoraforgeError(f"--batch {s.data.batch} is the global batch of all {ranks.world} processes and must "
-                                 f"divide by {ranks.world} (e.g. --batch {ranks.world * max(1, s.data.batch // ranks.world)})")
+                                 f"divide by {ranks.world} "
+                                 f"(e.g. --batch {ranks.world * max(1, s.data.batch // ranks.world)})")
         if ranks.fsdp and (s.model.quantize or s.model.base_dtype == "quantized"):
             what = f"--quantize {s.model.quantize}" if s.model.quantize else "--base-dtype quantized"
             raise LoraforgeError(f"--fsdp shards dense bases (f32/f16/bf16) only; a quantized base ({what}) trains "
