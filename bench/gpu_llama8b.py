@@ -181,7 +181,9 @@ def build_peer(cfg, device, nf4_backend: str | None = None):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    hf_cfg = AutoConfig.for_model(**cfg.to_hf_dict())
+    from loraforge.config_sources import config_to_hf_dict
+
+    hf_cfg = AutoConfig.for_model(**config_to_hf_dict(cfg))
     hf_cfg._attn_implementation = "sdpa"
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)

@@ -101,6 +101,14 @@ def shakespeare_text() -> str:
     return (importlib.resources.files("loraforge") / "assets" / "shakespeare.txt").read_text(encoding="utf-8")
 
 
+@pytest.fixture(scope="session")
+def shakespeare_file(tmp_path_factory: pytest.TempPathFactory, shakespeare_text: str) -> Path:
+    """The first 6,000 characters of the bundled text as a file: training data for tiny-model runs."""
+    path = tmp_path_factory.mktemp("text") / "train.txt"
+    path.write_text(shakespeare_text[:6000], encoding="utf-8")
+    return path
+
+
 # --- tiny random Hugging Face models ------------------------------------------------------------
 
 @pytest.fixture
@@ -213,107 +221,47 @@ def tiny_gguf_tokenizer(vocab_size: int = TINY_CONFIG["vocab_size"]) -> dict[str
             "merges": ["\u0120 t"], "bos": len(tokens), "eos": len(tokens) + 1}
 
 
-def _config_rope(c: dict[str, Any]) -> dict[str, Any]:
-    """Global-layer rope parameters of a config.json (transformers 4 or 5 layout)."""
-    params = dict(c.get("rope_parameters") or {})
-    if isinstance(params.get("full_attention"), dict):
-        params = dict(params["full_attention"])
-    params.update(c.get("rope_scaling") or {})
-    params.setdefault("rope_theta", c.get("rope_theta", 10000.0))
-    return params
-
-
-def _family_metadata(w, c: dict[str, Any], arch: str, head_dim: int) -> None:
-    """The keys convert_hf_to_gguf.py writes for each family beyond the llama ones."""
-    rope = _config_rope(c)
-    if rope.get("rope_type") == "linear":
-        w.add_rope_scaling_type(__import__("gguf").RopeScalingType.LINEAR)
-        w.add_rope_scaling_factor(float(rope["factor"]))
-    if arch == "gemma2":
-        w.add_attn_logit_softcapping(float(c["attn_logit_softcapping"]))
-        w.add_final_logit_softcapping(float(c["final_logit_softcapping"]))
-        w.add_sliding_window(int(c["sliding_window"]))
-    if arch == "gemma3":
-        if c.get("final_logit_softcapping"):
-            w.add_final_logit_softcapping(float(c["final_logit_softcapping"]))
-        w.add_sliding_window(int(c["sliding_window"]))
-    if arch == "phi3":
-        w.add_sliding_window(int(c.get("sliding_window") or 0))
-        partial = rope.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0)) or 1.0
-        w.add_rope_dimension_count(int(head_dim * partial))
-        original = rope.get("original_max_position_embeddings") or c.get("original_max_position_embeddings")
-        w.add_rope_scaling_orig_ctx_len(int(original or c["max_position_embeddings"]))
-        if rope.get("rope_type") == "longrope":
-            import math
-
-            scale = c["max_position_embeddings"] / original
-            w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0)
-
-
-def _gguf_tensors(name: str, array, c: dict[str, Any], arch: str):
-    """(GGUF name, array) pairs of one HF tensor, as llama.cpp's converter stores them: Gemma's norms
-    with 1 added, llama-arch q/k rows permuted, Baichuan's W_pack split into q, k, v."""
+def _gguf_tensors(name: str, array, cfg):
+    """(GGUF name, array) pairs of one HF tensor, laid out as llama.cpp's converter stores them for the
+    `cfg` family (loraforge's `gguf_arch.tensor_layout`: Gemma's norms with 1 added, llama-arch q/k rows
+    permuted, Baichuan's W_pack split into q, k, v)."""
     import numpy as np
+    import torch
 
-    from loraforge.formats.names import (hf_to_gguf_name, is_norm_plus_one, needs_qk_permutation,
-                                         permute_qk_hf_to_gguf, qk_heads)
+    from loraforge.formats.gguf_arch import tensor_layout
 
-    heads, kv_heads = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
-    if name.endswith(".self_attn.W_pack.weight"):
-        q, k, v = np.split(array, 3)
-        prefix = name[: -len("W_pack.weight")]
-        parts = [(prefix + "q_proj.weight", q), (prefix + "k_proj.weight", k), (prefix + "v_proj.weight", v)]
-    else:
-        parts = [(name, array)]
-    for hf_name, value in parts:
-        if is_norm_plus_one(hf_name, arch):
-            value = value + np.float32(1.0)
-        n = qk_heads(hf_name, heads, kv_heads)
-        if needs_qk_permutation(arch) and n is not None:
-            value = permute_qk_hf_to_gguf(value, n)
-        yield hf_to_gguf_name(hf_name, arch), np.ascontiguousarray(value)
+    for layout in tensor_layout(name, cfg):
+        yield layout.gguf_name, np.ascontiguousarray(layout.apply(torch.from_numpy(array)).numpy())
 
 
-def write_gguf(path: str | os.PathLike, hf_config: dict[str, Any], tensors: dict[str, Any], arch: str | None = None,
+def write_gguf(path: str | os.PathLike, hf_config: dict[str, Any], tensors: dict[str, Any],
                tokenizer: dict[str, Any] | None = None, rope_freqs: Any = None,
                extra_metadata: dict[str, Any] | None = None, qtype: int | None = None) -> str:
     """Write a GGUF model the way llama.cpp's converter lays it out (float32, or `qtype` blocks).
 
-    hf_config: config.json values (model_type, sizes ...); tensors: HF name -> float array (out, in);
-    arch: GGUF general.architecture (default: the model_type's); per family as convert_hf_to_gguf.py
-    does: q/k rows permuted for llama-arch files, Gemma norms + 1, Baichuan's W_pack split, Phi-3's
-    LongRoPE factors as rope_factors_long/short, soft-capping / window / rope keys;
-    tokenizer: `tiny_gguf_tokenizer()`-style keys (default: that tokenizer for the config's vocab);
-    rope_freqs: llama3 per-frequency divisors (head_dim/2,) stored as rope_freqs.weight;
-    qtype: a gguf.GGMLQuantizationType for the matrices whose rows are whole blocks (gguf.quants),
-    the others stay float32 as in llama.cpp's converter.
+    hf_config: config.json values (model_type, sizes ...); tensors: HF name -> float array (out, in).
+    The family's architecture name, `{arch}.*` keys, extra tensors (LongRoPE's rope_factors_long/short)
+    and tensor layout (q/k rows permuted for llama-arch files, Gemma norms + 1, Baichuan's W_pack split)
+    are loraforge's converter facts (`formats/gguf_arch.py`), which the convert tests check against
+    llama.cpp's own converter; tokenizer: `tiny_gguf_tokenizer()`-style keys (default: that tokenizer for
+    the config's vocab); rope_freqs: llama3 per-frequency divisors (head_dim/2,) stored as
+    rope_freqs.weight (default: the converter's); qtype: a gguf.GGMLQuantizationType for the matrices
+    whose rows are whole blocks (gguf.quants), the others stay float32 as in llama.cpp's converter.
     """
     import gguf
     import numpy as np
 
-    from loraforge.config_sources import HF_MODEL_TYPES
+    from loraforge.config_sources import config_from_hf_dict
+    from loraforge.formats.gguf_arch import add_metadata, arch_metadata, extra_tensors, llama_cpp_arch
 
     c = hf_config
-    arch = arch or {"mistral": "llama"}.get(c["model_type"]) or HF_MODEL_TYPES.get(c["model_type"], c["model_type"])
-    heads, kv_heads = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
-    head_dim = c.get("head_dim") or c["hidden_size"] // heads
+    cfg = config_from_hf_dict(c)
+    arch = llama_cpp_arch(cfg.arch)
     w = gguf.GGUFWriter(os.fspath(path), arch)
     # (llama.cpp's vocabulary loader looks for Phi-3's "<unk>", "<s>" ... in a model *named* phi3)
     w.add_name(f"tiny-{arch}" if arch != "phi3" else "tiny-p3")
     w.add_file_type(0)  # all F32
-    w.add_block_count(c["num_hidden_layers"])
-    w.add_context_length(c.get("max_position_embeddings", 512))
-    w.add_embedding_length(c["hidden_size"])
-    w.add_feed_forward_length(c["intermediate_size"])
-    w.add_head_count(heads)
-    w.add_head_count_kv(kv_heads)
-    w.add_key_length(head_dim)
-    w.add_value_length(head_dim)
-    if arch != "phi3":
-        w.add_rope_dimension_count(head_dim)
-    w.add_rope_freq_base(float(_config_rope(c)["rope_theta"]))  # transformers 4 / 5
-    w.add_layer_norm_rms_eps(float(c.get("rms_norm_eps", 1e-5)))
-    _family_metadata(w, c, arch, head_dim)
+    add_metadata(w, arch_metadata(cfg))
     tok = tokenizer or tiny_gguf_tokenizer(c["vocab_size"])
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
@@ -330,17 +278,16 @@ def write_gguf(path: str | os.PathLike, hf_config: dict[str, Any], tensors: dict
             w.add_float32(key, value)
         else:
             w.add_uint32(key, value)
+    generated = extra_tensors(cfg)
     if rope_freqs is not None:
-        w.add_tensor("rope_freqs.weight", np.asarray(rope_freqs, dtype=np.float32))
-    rope = _config_rope(c)
-    if rope.get("rope_type") == "longrope":
-        w.add_tensor("rope_factors_long.weight", np.asarray(rope["long_factor"], dtype=np.float32))
-        w.add_tensor("rope_factors_short.weight", np.asarray(rope["short_factor"], dtype=np.float32))
+        generated["rope_freqs.weight"] = np.asarray(rope_freqs, dtype=np.float32)
+    for name, array in generated.items():
+        w.add_tensor(name, array)
     block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)][0] if qtype is not None else 0
     for name, value in tensors.items():
-        if name == "lm_head.weight" and c.get("tie_word_embeddings", arch in ("gemma2", "gemma3")):
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
-        for gguf_name, array in _gguf_tensors(name, np.asarray(value, dtype=np.float32), c, arch):
+        for gguf_name, array in _gguf_tensors(name, np.asarray(value, dtype=np.float32), cfg):
             if block and array.ndim == 2 and array.shape[1] % block == 0:
                 w.add_tensor(gguf_name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
             else:
@@ -354,7 +301,7 @@ def write_gguf(path: str | os.PathLike, hf_config: dict[str, Any], tensors: dict
 
 @pytest.fixture(scope="session")
 def gguf_writer() -> Callable[..., str]:
-    """`write_gguf(path, hf_config, tensors, arch=None, tokenizer=None, rope_freqs=None, extra_metadata=None)`."""
+    """`write_gguf(path, hf_config, tensors, tokenizer=None, rope_freqs=None, extra_metadata=None, qtype=None)`."""
     return write_gguf
 
 

@@ -1,19 +1,17 @@
 """Architecture numbers of a llama-family model, from GGUF metadata or an HF config.json.
 
 One `ModelConfig` drives `model.py`; field names follow Hugging Face's config.json so
-HF folders map one to one and GGUF metadata maps through `from_gguf_metadata`.
+HF folders and GGUF metadata map through `config_sources` (which imports this module, not the reverse).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 from dataclasses import dataclass, field
-from typing import Any, Collection, Mapping
+from typing import Any
 
-from loraforge.errors import LoraforgeError, file_error
+from loraforge.errors import LoraforgeError
 
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 
@@ -122,49 +120,6 @@ class ModelConfig:
         h, f = self.hidden_size, self.intermediate_size
         per_layer = h * (self.q_size + 2 * self.kv_size) + self.q_size * h + 3 * h * f
         return self.num_hidden_layers * per_layer + h * self.vocab_size
-
-    def to_hf_dict(self) -> dict[str, Any]:
-        """A config.json for transformers (`LlamaForCausalLM`, `Gemma3ForCausalLM`, ...)."""
-        from loraforge.config_sources import config_to_hf_dict
-
-        return config_to_hf_dict(self)
-
-    @classmethod
-    def from_hf_dict(cls, d: Mapping[str, Any], source: str = "config.json") -> "ModelConfig":
-        from loraforge.config_sources import config_from_hf_dict
-
-        return config_from_hf_dict(d, source)
-
-    @classmethod
-    def from_hf_folder(cls, folder: str | os.PathLike) -> "ModelConfig":
-        path = os.path.join(folder, "config.json")
-        if not os.path.isfile(path):
-            raise file_error(folder, "no config.json in this folder (not a Hugging Face model folder)")
-        try:
-            with open(path, encoding="utf-8") as f:
-                d = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise file_error(path, f"not valid JSON ({e})") from None
-        return cls.from_hf_dict(d, source=path)
-
-    @classmethod
-    def from_gguf_metadata(cls, meta: Mapping[str, Any], source: str, n_vocab: int | None = None,
-                           has_output: bool = True, tensor_names: Collection[str] | None = None
-                           ) -> "ModelConfig":
-        """Numbers from GGUF keys (`{arch}.embedding_length` ...). `has_output`: an output.weight exists;
-        `tensor_names`: the file's tensors, which tell biases, q/k norms and fused projections apart.
-
-        A value of the wrong type or out of range is a one-line error naming `source`."""
-        from loraforge.config_sources import config_from_gguf
-
-        try:
-            return config_from_gguf(meta, source, n_vocab, has_output, tensor_names)
-        except LoraforgeError as e:
-            if str(e).startswith(f"{source}: "):
-                raise
-            raise file_error(source, str(e)) from None
-        except (TypeError, ValueError, OverflowError, ZeroDivisionError, IndexError) as e:
-            raise file_error(source, f"GGUF metadata value of the wrong type or out of range ({e})") from None
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)

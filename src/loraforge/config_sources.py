@@ -9,15 +9,25 @@ layer count (Gemma's 27B attention scale, Baichuan 13B's ALiBi).
 from __future__ import annotations
 
 import copy
+import json
 import math
+import os
 from typing import Any, Collection, Mapping
 
 from loraforge.config import ACTIVATIONS, ModelConfig
-from loraforge.errors import file_error
+from loraforge.errors import LoraforgeError, file_error
 from loraforge.formats.names import ARCHES, GGUF_ARCHES
 
 HF_MODEL_TYPES: dict[str, str] = {t: arch for arch, facts in ARCHES.items() for t in facts.hf_model_types}
 BAICHUAN1_VOCAB = 64000  # Baichuan 1 has a plain output layer; Baichuan 2 (125,696 tokens) a NormHead
+# llama.cpp's fixed Gemma facts (src/models/gemma2.cpp, gemma3.cpp): the sliding-window period when a file
+# lists no per-layer pattern, and the layer counts of the 27B models, whose attention scale is
+# 1/sqrt(hidden / heads) instead of 1/sqrt(head_dim)
+SWA_PERIODS = {"gemma2": 2, "gemma3": 6}
+GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+# llama.cpp's Baichuan (src/models/baichuan.cpp) knows its layout by layer count only: RoPE for the
+# 32-layer 7B model, ALiBi for the 40-layer 13B one, and no position encoding at all for any other count
+BAICHUAN_ROPE_LAYERS, BAICHUAN_ALIBI_LAYERS = 32, 40
 
 
 def supported_families() -> str:
@@ -84,6 +94,15 @@ def _pattern_types(n_layers: int, pattern: int) -> list[str]:
             for i in range(n_layers)]
 
 
+pattern_layer_types = _pattern_types
+
+
+def gemma_query_scalar(arch: str, n_layers: int, hidden: int, heads: int, head_dim: int) -> int:
+    """The query_pre_attn_scalar llama.cpp applies to a Gemma GGUF (it has no key for it): head_dim,
+    except the 27B models' hidden / heads."""
+    return hidden // heads if n_layers == GEMMA_27B_LAYERS[arch] else head_dim
+
+
 def _hf_sliding_window(d: Mapping[str, Any], arch: str, n_layers: int) -> tuple[int | None, list[str] | None]:
     """(sliding_window, layer_types) as transformers applies them."""
     window = d.get("sliding_window")
@@ -124,7 +143,7 @@ def _family_switches(arch: str, d: Mapping[str, Any]) -> dict[str, Any]:
                         final_logit_softcap=d.get("final_logit_softcapping"),
                         query_pre_attn_scalar=d.get("query_pre_attn_scalar"))
     if arch == "baichuan":
-        switches.update(alibi=int(d["num_hidden_layers"]) == 40,
+        switches.update(alibi=int(d["num_hidden_layers"]) == BAICHUAN_ALIBI_LAYERS,
                         norm_head=int(d["vocab_size"]) != BAICHUAN1_VOCAB)
     return switches
 
@@ -194,7 +213,7 @@ def _gguf_layer_types(meta: Mapping[str, Any], arch: str, n_layers: int, default
     return _pattern_types(n_layers, int(pattern))
 
 
-def config_from_gguf(meta: Mapping[str, Any], source: str, n_vocab: int | None = None, has_output: bool = True,
+def _config_from_gguf(meta: Mapping[str, Any], source: str, n_vocab: int | None = None, has_output: bool = True,
                      tensor_names: Collection[str] | None = None) -> ModelConfig:
     """A `ModelConfig` from GGUF key/values, read as llama.cpp reads them."""
     arch = meta.get("general.architecture")
@@ -242,19 +261,18 @@ def config_from_gguf(meta: Mapping[str, Any], source: str, n_vocab: int | None =
         window = int(window or 4096)
         switches.update(attn_logit_softcap=float(meta.get(f"{arch}.attn_logit_softcapping", 50.0)),
                         final_logit_softcap=float(meta.get(f"{arch}.final_logit_softcapping", 30.0)),
-                        layer_types=_gguf_layer_types(meta, arch, n_layers, 2))
+                        layer_types=_gguf_layer_types(meta, arch, n_layers, SWA_PERIODS[arch]))
     elif arch == "gemma3":
         cap = meta.get(f"{arch}.final_logit_softcapping")
         switches.update(final_logit_softcap=float(cap) if cap else None)
         if window:
-            switches.update(layer_types=_gguf_layer_types(meta, arch, n_layers, 6),
+            switches.update(layer_types=_gguf_layer_types(meta, arch, n_layers, SWA_PERIODS[arch]),
                             rope_local_theta=float(meta.get(f"{arch}.rope.freq_base_swa", 10000.0)))
     if gemma:  # llama.cpp: 1/sqrt(head_dim), except the 27B models' 1/sqrt(hidden/heads)
-        big = n_layers == (46 if arch == "gemma2" else 62)
-        switches.update(query_pre_attn_scalar=hidden // heads if big else head_dim, norm_offset=1.0,
-                        post_norms=True, scale_embeddings=True, hidden_act="gelu_pytorch_tanh")
+        switches.update(query_pre_attn_scalar=gemma_query_scalar(arch, n_layers, hidden, heads, head_dim),
+                        norm_offset=1.0, post_norms=True, scale_embeddings=True, hidden_act="gelu_pytorch_tanh")
     if arch == "baichuan":  # llama.cpp: the 40-layer (13B) model uses ALiBi (max bias 8) and no RoPE
-        switches.update(alibi=n_layers == 40)
+        switches.update(alibi=n_layers == BAICHUAN_ALIBI_LAYERS)
     eos = meta.get("tokenizer.ggml.eos_token_id")
     return ModelConfig(
         arch=arch,
@@ -353,3 +371,33 @@ def config_to_hf_dict(cfg: ModelConfig) -> dict[str, Any]:
     if cfg.eos_token_id is not None:
         d["eos_token_id"] = cfg.eos_token_id
     return d
+
+
+def config_from_gguf_metadata(meta: Mapping[str, Any], source: str, n_vocab: int | None = None,
+                              has_output: bool = True, tensor_names: Collection[str] | None = None
+                              ) -> ModelConfig:
+    """Numbers from GGUF keys (`{arch}.embedding_length` ...). `has_output`: an output.weight exists;
+    `tensor_names`: the file's tensors, which tell biases, q/k norms and fused projections apart.
+
+    A value of the wrong type or out of range is a one-line error naming `source`."""
+    try:
+        return _config_from_gguf(meta, source, n_vocab, has_output, tensor_names)
+    except LoraforgeError as e:
+        if str(e).startswith(f"{source}: "):
+            raise
+        raise file_error(source, str(e)) from None
+    except (TypeError, ValueError, OverflowError, ZeroDivisionError, IndexError) as e:
+        raise file_error(source, f"GGUF metadata value of the wrong type or out of range ({e})") from None
+
+
+def config_from_hf_folder(folder: str | os.PathLike) -> ModelConfig:
+    """The config.json of a Hugging Face model folder; one-line errors for a missing or broken file."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise file_error(folder, "no config.json in this folder (not a Hugging Face model folder)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise file_error(path, f"not valid JSON ({e})") from None
+    return config_from_hf_dict(d, source=path)

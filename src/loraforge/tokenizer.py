@@ -597,17 +597,17 @@ def _hf_chat_template(folder: Path, config: Mapping[str, Any]) -> str | None:
     return template if isinstance(template, str) else None
 
 
-def _components(node: Any, type_name: str) -> list[dict[str, Any]]:
+def tokenizer_components(node: Any, type_name: str) -> list[dict[str, Any]]:
     """Every part of a tokenizer.json component (nested Sequences included) of type `type_name`."""
     found: list[dict[str, Any]] = []
     if isinstance(node, dict):
         if node.get("type") == type_name:
             found.append(node)
         for value in node.values():
-            found += _components(value, type_name)
+            found += tokenizer_components(value, type_name)
     elif isinstance(node, list):
         for value in node:
-            found += _components(value, type_name)
+            found += tokenizer_components(value, type_name)
     return found
 
 
@@ -615,12 +615,14 @@ def _hf_piece_kind(spec: Mapping[str, Any]) -> tuple[str, bool]:
     """(how tokens map to bytes, whether a "▁" is put before the text) for a tokenizer.json."""
     model_type = (spec.get("model") or {}).get("type")
     decoder, pre, normalizer = spec.get("decoder"), spec.get("pre_tokenizer"), spec.get("normalizer")
-    if model_type == "BPE" and (_components(decoder, "ByteLevel") or _components(pre, "ByteLevel")):
+    if model_type == "BPE" and (tokenizer_components(decoder, "ByteLevel")
+                                or tokenizer_components(pre, "ByteLevel")):
         return "byte_level", False
-    if model_type in ("BPE", "Unigram") and (_components(decoder, "ByteFallback") or _components(decoder, "Metaspace")):
-        prefix = bool(_components(normalizer, "Prepend")) or any(
+    if model_type in ("BPE", "Unigram") and (tokenizer_components(decoder, "ByteFallback")
+                                             or tokenizer_components(decoder, "Metaspace")):
+        prefix = bool(tokenizer_components(normalizer, "Prepend")) or any(
             m.get("prepend_scheme", "always") != "never" and m.get("add_prefix_space", True)
-            for m in _components(pre, "Metaspace")
+            for m in tokenizer_components(pre, "Metaspace")
         )
         return "sentencepiece", prefix
     return "other", False

@@ -15,10 +15,8 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import make_tiny_hf_model
 from loraforge.cli import main

@@ -200,3 +200,43 @@ def test_real_full_disk_on_tmpfs(tmp_path, tiny_gguf_path):
     assert sorted(proc.stdout.split()[proc.stdout.split().index("same") + 1:]) == [".", "..", "filler", "out.gguf"]
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and str(out) in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+
+
+FINETUNE_UNDER_LIMIT = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+from loraforge.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_finetune_save_on_a_full_disk(tmp_path: Path, tiny_llama_folder: str, shakespeare_file: Path) -> None:
+    """A finetune whose save hits the limit: one line, exit 2, the previous LATEST files byte for byte,
+    nothing partial under a final name; the same command without the limit then resumes and finishes."""
+    env = {**os.environ, "PYTHONPATH": str(Path(loraforge.__file__).parents[1])}
+    argv = ["finetune", "--model-base", tiny_llama_folder, "--train-data", str(shakespeare_file), "--ctx", "32",
+            "--batch", "2", "--threads", "1", "--seed", "2", "--warmup", "1", "--save-every", "1", "--no-plot-loss",
+            "--checkpoint-in", "chk-LATEST.gguf", "--checkpoint-out", "chk-ITERATION.gguf",
+            "--lora-out", "lora-ITERATION.gguf"]
+    first = subprocess.run([sys.executable, "-m", "loraforge", *argv, "--max-steps", "2"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr
+    before = snapshot(tmp_path)
+    # an adapter would fit, the checkpoint (written first) does not
+    limit = ((tmp_path / "lora-LATEST.gguf").stat().st_size + (tmp_path / "chk-LATEST.gguf").stat().st_size) // 2
+    full = subprocess.run([sys.executable, "-c", FINETUNE_UNDER_LIMIT, str(limit), *argv, "--max-steps", "4"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert full.returncode == 2, full.stderr
+    (line,) = full.stderr.strip().splitlines()
+    assert "could not be written" in line and "Traceback" not in full.stderr
+    after = snapshot(tmp_path)
+    for name in ("chk-LATEST.gguf", "lora-LATEST.gguf", "chk-2.gguf", "lora-2.gguf"):
+        assert after[name] == before[name], name
+    assert not [n for n in after if n.endswith(".tmp")]
+    assert set(after) - set(before) <= {"lora-metrics.jsonl"}  # no new checkpoint or adapter file at all
+    done = subprocess.run([sys.executable, "-m", "loraforge", *argv, "--max-steps", "4"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "resuming from chk-LATEST.gguf at iteration 2" in done.stdout
+    assert (tmp_path / "lora-4.gguf").read_bytes() == (tmp_path / "lora-LATEST.gguf").read_bytes()

@@ -12,19 +12,10 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from loraforge.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory, shakespeare_text: str) -> Path:
-    path = tmp_path_factory.mktemp("text") / "train.txt"
-    path.write_text(shakespeare_text[:6000], encoding="utf-8")
-    return path
 
 
 def flags(folder: str, text: Path) -> list[str]:
@@ -51,11 +42,11 @@ def wait_for_iterations(folder: Path, count: int, proc: subprocess.Popen, timeou
     raise AssertionError("the run did not reach the expected iteration in time")
 
 
-def test_second_writer_is_refused(tmp_path: Path, tiny_llama_folder: str, text_file: Path) -> None:
-    first = start(flags(tiny_llama_folder, text_file) + ["--adam-iter", "3000", "--save-every", "1000"], tmp_path)
+def test_second_writer_is_refused(tmp_path: Path, tiny_llama_folder: str, shakespeare_file: Path) -> None:
+    first = start(flags(tiny_llama_folder, shakespeare_file) + ["--adam-iter", "3000", "--save-every", "1000"], tmp_path)
     try:
         wait_for_iterations(tmp_path, 2, first)
-        second = subprocess.run([sys.executable, "-m", "loraforge", "finetune", *flags(tiny_llama_folder, text_file),
+        second = subprocess.run([sys.executable, "-m", "loraforge", "finetune", *flags(tiny_llama_folder, shakespeare_file),
                                  "--adam-iter", "2", "--seed", "99"], cwd=tmp_path, env=ENV, capture_output=True,
                                 text=True, timeout=300)
         assert first.poll() is None, "the first run finished before the second started; the test proves nothing"
@@ -77,11 +68,11 @@ def test_second_writer_is_refused(tmp_path: Path, tiny_llama_folder: str, text_f
     assert not list(tmp_path.glob(".*.lock"))  # the lock files go with the run
 
 
-def test_ctrl_c_saves_and_resumes_exactly(tmp_path: Path, tiny_llama_folder: str, text_file: Path,
+def test_ctrl_c_saves_and_resumes_exactly(tmp_path: Path, tiny_llama_folder: str, shakespeare_file: Path,
                                           monkeypatch) -> None:
     interrupted, straight = tmp_path / "interrupted", tmp_path / "straight"
     interrupted.mkdir(), straight.mkdir()
-    run_flags = flags(tiny_llama_folder, text_file) + ["--save-every", "0", "--lora-dropout", "0.1"]
+    run_flags = flags(tiny_llama_folder, shakespeare_file) + ["--save-every", "0", "--lora-dropout", "0.1"]
     proc = start(run_flags + ["--max-steps", "100000"], interrupted)
     wait_for_iterations(interrupted, 3, proc)
     proc.send_signal(signal.SIGINT)
@@ -100,13 +91,13 @@ def test_ctrl_c_saves_and_resumes_exactly(tmp_path: Path, tiny_llama_folder: str
     assert (interrupted / "lora-LATEST.gguf").read_bytes() == (straight / "lora-LATEST.gguf").read_bytes()
 
 
-def test_non_finite_loss_stops_before_saving(tmp_path: Path, tiny_llama_folder: str, text_file: Path,
+def test_non_finite_loss_stops_before_saving(tmp_path: Path, tiny_llama_folder: str, shakespeare_file: Path,
                                              monkeypatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)
-    assert main(["finetune", *flags(tiny_llama_folder, text_file), "--adam-iter", "2", "--save-every", "1"]) == 0
+    assert main(["finetune", *flags(tiny_llama_folder, shakespeare_file), "--adam-iter", "2", "--save-every", "1"]) == 0
     good = (tmp_path / "lora-LATEST.gguf").read_bytes()
     capsys.readouterr()
-    rc = main(["finetune", *flags(tiny_llama_folder, text_file), "--adam-iter", "8", "--save-every", "1",
+    rc = main(["finetune", *flags(tiny_llama_folder, shakespeare_file), "--adam-iter", "8", "--save-every", "1",
                "--lr", "1e30", "--adam-gclip", "0"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
@@ -124,10 +115,10 @@ def test_non_finite_loss_stops_before_saving(tmp_path: Path, tiny_llama_folder: 
     assert good == (tmp_path / "lora-2.gguf").read_bytes()
 
 
-def test_inputs_and_outputs_checked_before_loading(tmp_path: Path, tiny_llama_folder: str, text_file: Path,
+def test_inputs_and_outputs_checked_before_loading(tmp_path: Path, tiny_llama_folder: str, shakespeare_file: Path,
                                                    monkeypatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)
-    base = flags(tiny_llama_folder, text_file)
+    base = flags(tiny_llama_folder, shakespeare_file)
     cases = [
         (["--train-data", str(tmp_path / "missing.txt")], "missing.txt: no such file (--train-data)"),
         (["--eval-data", str(tmp_path)], "is a folder, expected a text or dataset file (--eval-data)"),
@@ -150,19 +141,19 @@ def test_inputs_and_outputs_checked_before_loading(tmp_path: Path, tiny_llama_fo
 
 
 def test_tied_model_token_embedding_adapter_refused_before_training(tmp_path: Path, tiny_hf_factory,
-                                                                   text_file: Path, monkeypatch, capsys) -> None:
+                                                                   shakespeare_file: Path, monkeypatch, capsys) -> None:
     _, folder = tiny_hf_factory("llama", tie_word_embeddings=True)
     monkeypatch.chdir(tmp_path)
-    rc = main(["finetune", *flags(folder, text_file), "--adam-iter", "2", "--rank-tok-embd", "4"])
+    rc = main(["finetune", *flags(folder, shakespeare_file), "--adam-iter", "2", "--rank-tok-embd", "4"])
     out, err = capsys.readouterr()
     assert rc == 2 and "--rank-tok-embd 4: this model ties its output layer" in err
     assert "train_opt_callback" not in out and not list(tmp_path.glob("*.gguf"))
 
 
 def test_stale_temps_removed_and_lagging_adapter_rewritten(tmp_path: Path, tiny_llama_folder: str,
-                                                           text_file: Path, monkeypatch, capsys) -> None:
+                                                           shakespeare_file: Path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)
-    run = flags(tiny_llama_folder, text_file) + ["--save-every", "1"]
+    run = flags(tiny_llama_folder, shakespeare_file) + ["--save-every", "1"]
     assert main(["finetune", *run, "--adam-iter", "3"]) == 0
     # as a kill between the two LATEST writes leaves them: the adapter one save behind, temp files about
     (tmp_path / "lora-LATEST.gguf").write_bytes((tmp_path / "lora-2.gguf").read_bytes())
@@ -176,3 +167,30 @@ def test_stale_temps_removed_and_lagging_adapter_rewritten(tmp_path: Path, tiny_
     assert "lora-LATEST.gguf did not match the checkpoint (an interrupted save); re-written from iteration 3" in out
     assert (tmp_path / "lora-LATEST.gguf").read_bytes() == (tmp_path / "lora-3.gguf").read_bytes()
     assert sorted(p.name for p in tmp_path.glob(".*.tmp")) == [".other-file.gguf.x.tmp"]
+
+
+def test_a_failed_adapter_write_takes_its_checkpoint_back(tmp_path: Path, tiny_llama_folder: str,
+                                                          shakespeare_file: Path, monkeypatch, capsys) -> None:
+    """A save writes checkpoint-N, then adapter-N: when the adapter fails, checkpoint-N goes again, so no
+    iteration has half a pair, and LATEST stays at the previous save."""
+    from loraforge.errors import LoraforgeError
+    from loraforge.train.saver import Saver
+
+    monkeypatch.chdir(tmp_path)
+    run = flags(tiny_llama_folder, shakespeare_file) + ["--save-every", "1"]
+    assert main(["finetune", *run, "--max-steps", "1"]) == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.glob("*.gguf")}
+    calls = {"n": 0}
+    real = Saver.write_adapter
+
+    def failing(self, path, adapter):
+        calls["n"] += 1
+        raise LoraforgeError(f"{path}: could not be written (a test failure)")
+
+    monkeypatch.setattr(Saver, "write_adapter", failing)
+    assert main(["finetune", *run, "--max-steps", "2"]) == 2
+    assert calls["n"] == 1 and "could not be written" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("*.gguf")} == before  # no chk-2.gguf left
+    monkeypatch.setattr(Saver, "write_adapter", real)
+    assert main(["finetune", *run, "--max-steps", "2"]) == 0
+    assert (tmp_path / "chk-2.gguf").exists() and (tmp_path / "lora-2.gguf").exists()

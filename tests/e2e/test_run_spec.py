@@ -20,13 +20,6 @@ from loraforge.cli import main
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory, shakespeare_text: str) -> Path:
-    path = tmp_path_factory.mktemp("text") / "train.txt"
-    path.write_text(shakespeare_text[:6000], encoding="utf-8")
-    return path
-
-
 def base_flags(folder: str, text: Path) -> list[str]:
     return ["--model-base", folder, "--train-data", str(text), "--ctx", "32", "--batch", "2", "--threads", "1",
             "--seed", "11", "--lr", "5e-3", "--warmup", "1", "--lora-r", "4", "--lora-dropout", "0.1",
@@ -70,8 +63,8 @@ def metrics(folder: Path) -> list[dict]:
 
 
 def test_flags_config_and_print_config_give_identical_adapters(tmp_path: Path, tiny_llama_folder: str,
-                                                                text_file: Path, monkeypatch, capsys) -> None:
-    flags = base_flags(tiny_llama_folder, text_file) + ["--adam-iter", "4", "--save-every", "2",
+                                                                shakespeare_file: Path, monkeypatch, capsys) -> None:
+    flags = base_flags(tiny_llama_folder, shakespeare_file) + ["--adam-iter", "4", "--save-every", "2",
                                                         "--lr-scheduler", "cosine", "--grad-acc", "2"]
     runs = {name: tmp_path / name for name in ("flags", "config", "printed")}
     for folder in runs.values():
@@ -80,7 +73,7 @@ def test_flags_config_and_print_config_give_identical_adapters(tmp_path: Path, t
     assert main(["finetune", *flags]) == 0
     # the same settings as a config file (sections), with the paths as keys
     config = {"model": {"model_base": tiny_llama_folder, "seed": 11, "threads": 1},
-              "data": {"train_data": str(text_file), "ctx": 32, "batch": 2},
+              "data": {"train_data": str(shakespeare_file), "ctx": 32, "batch": 2},
               "optimizer": {"lr": 5e-3, "warmup": 1, "lr_scheduler": "cosine"},
               "lora": {"lora_r": 4, "lora_dropout": 0.1},
               "loop": {"adam_iter": 4, "save_every": 2, "grad_acc": 2},
@@ -105,7 +98,7 @@ def test_flags_config_and_print_config_give_identical_adapters(tmp_path: Path, t
     assert info["run_spec"]["loop"]["grad_acc"] == 2
 
 
-def test_trackers_plot_and_best(tmp_path: Path, tiny_llama_folder: str, text_file: Path, monkeypatch) -> None:
+def test_trackers_plot_and_best(tmp_path: Path, tiny_llama_folder: str, shakespeare_file: Path, monkeypatch) -> None:
     pytest.importorskip("tensorboard")
     pytest.importorskip("wandb")
     pytest.importorskip("mlflow")
@@ -114,7 +107,7 @@ def test_trackers_plot_and_best(tmp_path: Path, tiny_llama_folder: str, text_fil
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    assert main(["finetune", *base_flags(tiny_llama_folder, text_file), "--adam-iter", "6", "--save-every", "1",
+    assert main(["finetune", *base_flags(tiny_llama_folder, shakespeare_file), "--adam-iter", "6", "--save-every", "1",
                  "--eval-split", "0.2", "--eval-every", "2", "--load-best-at-end",
                  "--report-to", "tensorboard,wandb,mlflow", "--run-name", "spec-test"]) == 0
     records = metrics(tmp_path)
@@ -173,10 +166,10 @@ def test_trackers_plot_and_best(tmp_path: Path, tiny_llama_folder: str, text_fil
     assert (image.sum(axis=2) < 600).mean() > 0.01  # axes, ticks and labels drawn
 
 
-def test_plot_command_compares_runs(tmp_path: Path, tiny_llama_folder: str, text_file: Path, monkeypatch) -> None:
+def test_plot_command_compares_runs(tmp_path: Path, tiny_llama_folder: str, shakespeare_file: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     for lr in ("1e-3", "2e-2"):
-        assert main(["finetune", *base_flags(tiny_llama_folder, text_file), "--adam-iter", "3", "--save-every", "0",
+        assert main(["finetune", *base_flags(tiny_llama_folder, shakespeare_file), "--adam-iter", "3", "--save-every", "0",
                      "--lr", lr, "--metrics-out", f"m-{lr}.jsonl", "--no-plot-loss"]) == 0
         (tmp_path / "chk-LATEST.gguf").unlink()
     assert not list(tmp_path.glob("*.png"))
@@ -189,20 +182,20 @@ def test_plot_command_compares_runs(tmp_path: Path, tiny_llama_folder: str, text
     assert main(["plot", "missing.jsonl"]) == 2
 
 
-def test_save_total_limit_keeps_the_newest(tmp_path: Path, tiny_llama_folder: str, text_file: Path,
+def test_save_total_limit_keeps_the_newest(tmp_path: Path, tiny_llama_folder: str, shakespeare_file: Path,
                                            monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    assert main(["finetune", *base_flags(tiny_llama_folder, text_file), "--adam-iter", "10", "--save-every", "1",
+    assert main(["finetune", *base_flags(tiny_llama_folder, shakespeare_file), "--adam-iter", "10", "--save-every", "1",
                  "--save-total-limit", "2", "--no-plot-loss"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "chk-10.gguf", "chk-9.gguf", "chk-LATEST.gguf", "lora-10.gguf", "lora-9.gguf", "lora-LATEST.gguf",
         "lora-metrics.jsonl"]
 
 
-def test_early_stopping(tmp_path: Path, tiny_llama_folder: str, text_file: Path, monkeypatch, capsys) -> None:
+def test_early_stopping(tmp_path: Path, tiny_llama_folder: str, shakespeare_file: Path, monkeypatch, capsys) -> None:
     """A learning rate that only makes things worse: eval loss never improves after the first eval."""
     monkeypatch.chdir(tmp_path)
-    rc = main(["finetune", *base_flags(tiny_llama_folder, text_file), "--adam-iter", "20", "--save-every", "0",
+    rc = main(["finetune", *base_flags(tiny_llama_folder, shakespeare_file), "--adam-iter", "20", "--save-every", "0",
                "--lr", "3.0", "--eval-split", "0.2", "--eval-every", "1", "--early-stopping-patience", "2",
                "--no-plot-loss"])
     out = capsys.readouterr().out
@@ -228,8 +221,8 @@ sys.exit(main(sys.argv[1:]))
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
 def test_kill_during_cleanup_leaves_a_resumable_state(tmp_path: Path, tiny_llama_folder: str,
-                                                      text_file: Path) -> None:
-    flags = base_flags(tiny_llama_folder, text_file) + ["--max-steps", "6", "--save-every", "1",
+                                                      shakespeare_file: Path) -> None:
+    flags = base_flags(tiny_llama_folder, shakespeare_file) + ["--max-steps", "6", "--save-every", "1",
                                                         "--save-total-limit", "2", "--no-plot-loss"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     straight.mkdir(), killed.mkdir()

@@ -102,7 +102,7 @@ def random_adapter(cfg, modules: Sequence[str], rank: int = 4, seed: int = 0, st
                    alpha_pattern: dict[str, float] | None = None) -> Adapter:
     """Nonzero random LoRA for every layer's `modules` (short HF names like "self_attn.q_proj"), plus
     "model.embed_tokens" / "lm_head" when listed, for a loraforge ModelConfig `cfg`."""
-    from loraforge.formats.adapters import expected_ab_shapes
+    from loraforge.formats.adapter_shapes import expected_ab_shapes
 
     g = torch.Generator().manual_seed(seed)
     names = [m for m in modules if m in ("model.embed_tokens", "lm_head")]

@@ -1,7 +1,9 @@
-"""Helpers for the convert / HF-adapter parity tests: llama.cpp logits of a GGUF, token sequences, and a
-brief training run that gives a tiny random model clear next-token margins."""
+"""Helpers for the convert / HF-adapter parity tests: llama.cpp logits of a GGUF, token sequences, a
+brief training run that gives a tiny random model clear next-token margins, and ggml's GELU."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -44,10 +46,21 @@ def train_on_cycle(model, steps: int = 25) -> None:
     batch = torch.tensor([cycle_tokens(vocab, 64, start=s) for s in range(0, vocab, vocab // 8)][:8])
     model.train()
     for _ in range(steps):
-        loss = model(batch, labels=batch).loss
+        out = model(batch)  # transformers' output, or the logits of an in-test reference model
+        logits = out if isinstance(out, torch.Tensor) else out.logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, vocab), batch[:, 1:].reshape(-1))
         opt.zero_grad()
         loss.backward()
         opt.step()
     model.eval()
+
+
+def ggml_gelu(x: torch.Tensor) -> torch.Tensor:
+    """GELU as ggml's CPU backend computes it in float32: the tanh form evaluated at the float16-rounded
+    input, the result rounded to float16 (its lookup table, GGML_GELU_FP16 in ggml-cpu/vec.h); identity /
+    zero beyond +-10."""
+    h = x.half().float()
+    y = (0.5 * h * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * h * (1.0 + 0.044715 * h * h)))).half().float()
+    return torch.where(x <= -10.0, torch.zeros_like(x), torch.where(x >= 10.0, x, y))
 
 

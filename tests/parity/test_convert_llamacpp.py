@@ -11,10 +11,7 @@
 
 from __future__ import annotations
 
-import io
-import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +19,7 @@ import torch
 
 from conftest import make_tiny_hf_model
 from convert_models import cycle_tokens, llama_logits, tokens_for, train_on_cycle
+from convert_tokenizers import CHATML, LLAMA3_SPLIT, QWEN2_SPLIT, TEXTS, train_byte_level, train_sentencepiece
 from loraforge.formats.convert import convert_hf_to_gguf
 
 pytestmark = pytest.mark.llamacpp
@@ -122,71 +120,6 @@ def test_converted_metadata(converted):
 
 
 # --- tokenizers ------------------------------------------------------------------------------------
-
-TEXTS = [
-    "Hello, world! It's a test of the tokenizer, isn't it? I'M SURE you'LL see.",
-    "안녕하세요, 세계! 한국어 텍스트를 토큰화합니다.",
-    "中文：你好，世界！我们测试分词器。",
-    "Emoji: 😀🎉👍🏽 👨‍👩‍👧 and ❤️ done",
-    "def f(x):\n\tif x:\n\t\treturn x ** 2\n    else:\n        return None\n",
-    "digits 12345 3.14159 1,000,000 and   spaces\t\ttabs\n\n\nnewlines  ",
-    "mixed 한국어 中文 😀 text<|im_end|> after a special token",
-]
-CORPUS = [t for t in TEXTS for _ in range(3)] + [
-    "The quick brown fox jumps over the lazy dog. " * 3,
-    "오늘 날씨가 좋네요. 우리는 공원에 갑니다. 대한민국 서울특별시",
-    "我们今天去公园散步，天气很好。北京上海广州深圳",
-    "import numpy as np\nfor i in range(10):\n    print(i, np.sqrt(i))\n",
-]
-CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
-          "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-
-
-def train_byte_level(folder: Path, split: str | None, ignore_merges: bool) -> int:
-    """A byte-level BPE tokenizer.json trained on CORPUS (split regex or GPT-2's), with ChatML specials."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE(ignore_merges=ignore_merges))
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split is None)
-    tok.pre_tokenizer = byte_level if split is None else pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(split), behavior="isolated"), byte_level])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=700, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], show_progress=False)
-    tok.train_from_iterator(CORPUS, trainer)
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<|endoftext|>", "eos_token": "<|im_end|>", "add_bos_token": False,
-        "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": CHATML}), encoding="utf-8")
-    return tok.get_vocab_size()
-
-
-def train_sentencepiece(folder: Path) -> int:
-    """A SentencePiece BPE model (byte fallback) saved by transformers: tokenizer.model + tokenizer.json."""
-    spm = pytest.importorskip("sentencepiece")
-    from transformers import LlamaTokenizer
-
-    model = io.BytesIO()
-    lines = [f"{CORPUS[i % len(CORPUS)]} {CORPUS[(3 * i + 1) % len(CORPUS)]}" for i in range(120)]
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=model, model_type="bpe", vocab_size=600, hard_vocab_limit=False,
-        byte_fallback=True, character_coverage=0.9995, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, add_dummy_prefix=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        num_threads=1, minloglevel=2)
-    raw = folder / "raw"
-    raw.mkdir()
-    (raw / "tokenizer.model").write_bytes(model.getvalue())
-    tok = LlamaTokenizer.from_pretrained(raw, legacy=True, add_bos_token=True)
-    tok.chat_template = CHATML
-    tok.save_pretrained(folder)
-    shutil.move(raw / "tokenizer.model", folder / "tokenizer.model")  # transformers 5 saves tokenizer.json only
-    shutil.rmtree(raw)
-    return len(tok)
-
 
 TOKENIZERS = {  # name -> (builder, expected tokenizer.ggml.model, expected pre)
     "bpe-llama3": (lambda f: train_byte_level(f, LLAMA3_SPLIT, True), "gpt2", "llama-bpe"),

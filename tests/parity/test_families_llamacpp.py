@@ -17,8 +17,6 @@ dequantized model's logits for every new tensor kind; and a GGUF LoRA on every p
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -26,6 +24,7 @@ import torch
 llama_cpp = pytest.importorskip("llama_cpp")
 
 from adapter_models import LlamaCpp, random_adapter  # noqa: E402
+from convert_models import ggml_gelu  # noqa: E402
 from family_cases import BAICHUAN_CASES  # noqa: E402
 from loraforge import lora  # noqa: E402
 from loraforge.formats.adapters import load_adapter  # noqa: E402
@@ -48,14 +47,6 @@ def tolerance(model) -> float:
 
 def token_ids(n: int = N_TOKENS, seed: int = 11) -> list[int]:
     return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def ggml_gelu(x: torch.Tensor) -> torch.Tensor:
-    """GELU as ggml's CPU backend computes it in float32: the tanh form evaluated at the float16-rounded
-    input, the result rounded to float16 (its lookup table); identity / zero beyond +-10."""
-    h = x.half().float()
-    y = (0.5 * h * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * h * (1.0 + 0.044715 * h * h)))).half().float()
-    return torch.where(x <= -10.0, torch.zeros_like(x), torch.where(x >= 10.0, x, y))
 
 
 def our_logits(model, ids: list[int]) -> np.ndarray:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from chat_templates import GEMMA3_TEMPLATE, PHI35_TEMPLATE
 from conftest import make_tiny_hf_model
 from loraforge.cli import main
 from loraforge.errors import LoraforgeError
@@ -126,38 +127,7 @@ MISTRAL_V03 = """{%- if messages[0]["role"] == "system" %}
     {%- endif %}
 {%- endfor %}
 """
-GEMMA3 = """{{ bos_token }}
-{%- if messages[0]['role'] == 'system' -%}
-    {%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}
-    {%- set loop_messages = messages[1:] -%}
-{%- else -%}
-    {%- set first_user_prefix = "" -%}
-    {%- set loop_messages = messages -%}
-{%- endif -%}
-{%- for message in loop_messages -%}
-    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
-        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
-    {%- endif -%}
-    {%- if (message['role'] == 'assistant') -%}
-        {%- set role = "model" -%}
-    {%- else -%}
-        {%- set role = message['role'] -%}
-    {%- endif -%}
-    {{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else "") }}
-    {%- if message['content'] is string -%}
-        {{ message['content'] | trim }}
-    {%- endif -%}
-    {{ '<end_of_turn>\\n' }}
-{%- endfor -%}
-{%- if add_generation_prompt -%}
-    {{'<start_of_turn>model\\n'}}
-{%- endif -%}
-"""
-PHI35 = ("{% for message in messages %}{% if message['role'] == 'system' and message['content'] %}"
-         "{{'<|system|>\\n' + message['content'] + '<|end|>\\n'}}{% elif message['role'] == 'user' %}"
-         "{{'<|user|>\\n' + message['content'] + '<|end|>\\n'}}{% elif message['role'] == 'assistant' %}"
-         "{{'<|assistant|>\\n' + message['content'] + '<|end|>\\n'}}{% endif %}{% endfor %}"
-         "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}")
+GEMMA3, PHI35 = GEMMA3_TEMPLATE, PHI35_TEMPLATE
 
 # family -> (chat template, bos, eos, add_bos, the end-of-turn token that must be a stop)
 FAMILIES = {

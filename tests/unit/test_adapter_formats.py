@@ -21,6 +21,7 @@ from loraforge.formats.ggla import read_ggla
 from loraforge.formats.gguf_lora import read_gguf_adapter, write_gguf_adapter
 from loraforge.formats.peft import read_peft, write_peft
 from loraforge.lora import Adapter
+from loraforge.config_sources import config_from_hf_folder
 
 CFG = ModelConfig(arch="llama", vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, name="tiny")
@@ -232,7 +233,7 @@ def test_round_trip_ours_peft_gguf_peft_is_lossless_in_f32(tmp_path):
 
 
 def test_cli_export_round_trip(tmp_path, capsys, tiny_llama_folder):
-    cfg = ModelConfig.from_hf_folder(tiny_llama_folder)
+    cfg = config_from_hf_folder(tiny_llama_folder)
     adapter = random_adapter(seed=5, cfg=cfg)
     write_peft(tmp_path / "in", adapter, cfg)
     rc, out, err = run_cli(["export", "--in", str(tmp_path / "in"), "--out", str(tmp_path / "a.gguf"),
@@ -322,7 +323,7 @@ def test_ggla_import_shapes_and_values(tmp_path):
 
 
 def test_ggla_export_to_gguf_and_peft(tmp_path, capsys, tiny_llama_folder):
-    cfg = ModelConfig.from_hf_folder(tiny_llama_folder)
+    cfg = config_from_hf_folder(tiny_llama_folder)
     rng = np.random.default_rng(8)
     pairs = finetune_tensors(cfg, 4, 4, rng)
     write_ggla(tmp_path / "old.bin", 4, 4, [(n + s, x, 2) for n, (a, b) in pairs.items()
@@ -508,7 +509,7 @@ def test_merge_hf_base_to_hf_folder(tmp_path, tiny_llama_folder):
 
     from loraforge.merge import merge_to_hf
 
-    cfg = ModelConfig.from_hf_folder(tiny_llama_folder)
+    cfg = config_from_hf_folder(tiny_llama_folder)
     adapter = random_adapter(seed=12, cfg=cfg, extra=("lm_head",))
     merge_to_hf(tiny_llama_folder, [(adapter, -2.0)], str(tmp_path / "out"), "f32", max_shard_bytes=200_000)
     base = load_file(os.path.join(tiny_llama_folder, "model.safetensors"))
@@ -530,7 +531,7 @@ def test_training_checkpoint_is_accepted_as_adapter(tmp_path, capsys, tiny_llama
     from loraforge.model import CausalLM
     from loraforge.train.checkpoint import TrainState, save_checkpoint
 
-    cfg = ModelConfig.from_hf_folder(tiny_llama_folder)
+    cfg = config_from_hf_folder(tiny_llama_folder)
     torch.manual_seed(0)
     model = CausalLM(cfg)
     lora_cfg = lora.LoraConfig(r=4, alpha=6.0, target_modules=("q_proj", "v_proj", "down_proj"),

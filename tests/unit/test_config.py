@@ -10,6 +10,7 @@ import torch
 
 from loraforge.config import ModelConfig, rope_inv_freq
 from loraforge.errors import LoraforgeError
+from loraforge.config_sources import config_from_gguf_metadata, config_from_hf_dict, config_to_hf_dict
 
 transformers = pytest.importorskip("transformers")
 
@@ -28,7 +29,7 @@ def hf_config(kind: str, **kw):
 @pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
 def test_from_transformers_config(kind):
     hf = hf_config(kind, tie_word_embeddings=(kind == "qwen2"))
-    cfg = ModelConfig.from_hf_dict(hf.to_dict())
+    cfg = config_from_hf_dict(hf.to_dict())
     assert cfg.arch == kind
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings"):
@@ -45,7 +46,7 @@ def test_transformers4_and_5_rope_layouts_agree():
     v4 = {k: v for k, v in v5.items() if k != "rope_parameters"}
     v4.update(rope_theta=500000.0, rope_scaling={**LLAMA3, "type": "llama3"})
     mixed = {**v5, "rope_theta": 500000.0}  # both keys present: the scaling must not be lost
-    configs = [ModelConfig.from_hf_dict(d) for d in (v5, v4, mixed)]
+    configs = [config_from_hf_dict(d) for d in (v5, v4, mixed)]
     for cfg in configs:
         assert cfg.rope_theta == 500000.0
         assert cfg.rope_scaling["rope_type"] == "llama3" and cfg.rope_scaling["factor"] == 8.0
@@ -59,7 +60,7 @@ def test_rope_inverse_frequencies_match_transformers(scaling):
 
     hf = hf_config("llama", rope_theta=500000.0, head_dim=64, hidden_size=256,
                    **({"rope_scaling": dict(scaling)} if scaling else {}))
-    ours = rope_inv_freq(ModelConfig.from_hf_dict(hf.to_dict()))
+    ours = rope_inv_freq(config_from_hf_dict(hf.to_dict()))
     if scaling is None:
         expected = 1.0 / (500000.0 ** (torch.arange(0, 64, 2, dtype=torch.int64).float() / 64))
     else:
@@ -72,8 +73,8 @@ def test_round_trip_through_config_json_builds_the_same_transformers_model():
     cfg = ModelConfig(arch="llama", vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=1, rope_theta=500000.0,
                       rope_scaling=dict(LLAMA3), tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
-    d = json.loads(json.dumps(cfg.to_hf_dict()))
-    assert ModelConfig.from_hf_dict(d) == cfg
+    d = json.loads(json.dumps(config_to_hf_dict(cfg)))
+    assert config_from_hf_dict(d) == cfg
     hf = transformers.LlamaConfig.from_dict(d)
     model = transformers.LlamaForCausalLM(hf)
     names = {n: tuple(p.shape) for n, p in model.named_parameters()}
@@ -90,10 +91,10 @@ def test_sliding_window_round_trip(kind):
     cfg = ModelConfig(arch=kind, vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                       num_attention_heads=4, num_key_value_heads=2, sliding_window=16,
                       attention_bias=kind == "qwen2")
-    again = ModelConfig.from_hf_dict(json.loads(json.dumps(cfg.to_hf_dict())))
+    again = config_from_hf_dict(json.loads(json.dumps(config_to_hf_dict(cfg))))
     assert [again.layer_window(i) for i in range(3)] == [16, 16, 16]
     if kind == "qwen2":
-        hf = transformers.Qwen2Config.from_dict(cfg.to_hf_dict())
+        hf = transformers.Qwen2Config.from_dict(config_to_hf_dict(cfg))
         assert hf.layer_types == ["sliding_attention"] * 3
 
 
@@ -102,14 +103,14 @@ def test_qwen2_window_off_unless_used():
     d = hf_config("qwen2").to_dict()
     d.update(sliding_window=32768, use_sliding_window=False)
     d.pop("layer_types", None)
-    assert ModelConfig.from_hf_dict(d).sliding_window is None
+    assert config_from_hf_dict(d).sliding_window is None
     d.update(use_sliding_window=True, max_window_layers=2)
-    cfg = ModelConfig.from_hf_dict(d)
+    cfg = config_from_hf_dict(d)
     assert [cfg.layer_window(i) for i in range(3)] == [None, None, 32768]
 
 
 def test_llama_attention_bias_includes_output_projection():
-    cfg = ModelConfig.from_hf_dict(hf_config("llama", attention_bias=True).to_dict())
+    cfg = config_from_hf_dict(hf_config("llama", attention_bias=True).to_dict())
     assert cfg.attention_bias and cfg.o_proj_bias
 
 
@@ -149,7 +150,7 @@ def test_invalid_numbers_raise(changes, message):
 def test_unsupported_config_json_names_the_file(changes, message):
     d = {**hf_config("llama").to_dict(), **changes}
     with pytest.raises(LoraforgeError, match=message) as e:
-        ModelConfig.from_hf_dict(d, source="/models/x/config.json")
+        config_from_hf_dict(d, source="/models/x/config.json")
     assert str(e.value).startswith("/models/x/config.json: ")
     assert "\n" not in str(e.value)
 
@@ -158,18 +159,18 @@ def test_missing_key_names_the_file():
     d = hf_config("llama").to_dict()
     del d["hidden_size"]
     with pytest.raises(LoraforgeError, match=r"^cfg\.json: missing key 'hidden_size'$"):
-        ModelConfig.from_hf_dict(d, source="cfg.json")
+        config_from_hf_dict(d, source="cfg.json")
 
 
 def test_gguf_metadata_errors():
     meta = {"general.architecture": "llama", "llama.embedding_length": 64, "llama.attention.head_count": 4,
             "llama.feed_forward_length": 96, "llama.vocab_size": 10}
     with pytest.raises(LoraforgeError, match=r"^m\.gguf: GGUF metadata lacks llama\.block_count$"):
-        ModelConfig.from_gguf_metadata(meta, "m.gguf")
+        config_from_gguf_metadata(meta, "m.gguf")
     meta["llama.block_count"] = 2
-    assert ModelConfig.from_gguf_metadata(meta, "m.gguf").num_key_value_heads == 4
+    assert config_from_gguf_metadata(meta, "m.gguf").num_key_value_heads == 4
     with pytest.raises(LoraforgeError, match="rope scaling type 'yarn'"):
-        ModelConfig.from_gguf_metadata({**meta, "llama.rope.scaling.type": "yarn"}, "m.gguf")
-    linear = ModelConfig.from_gguf_metadata({**meta, "llama.rope.scaling.type": "linear",
+        config_from_gguf_metadata({**meta, "llama.rope.scaling.type": "yarn"}, "m.gguf")
+    linear = config_from_gguf_metadata({**meta, "llama.rope.scaling.type": "linear",
                                              "llama.rope.scaling.factor": 4.0}, "m.gguf")
     assert linear.rope_scaling == {"rope_type": "linear", "factor": 4.0}

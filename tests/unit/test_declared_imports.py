@@ -26,8 +26,8 @@ def declared() -> set[str]:
     for reqs in project.get("optional-dependencies", {}).values():
         names |= {_requirement_name(r) for r in reqs}
     makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
-    for line in re.findall(r"pip install[^\n]*", makefile):
-        names |= {w.lower() for w in line.split()[2:] if not w.startswith(("-", "'", "."))}
+    for line in re.findall(r"\binstall\b[^\n]*", makefile):
+        names |= {w.lower() for w in line.split()[1:] if not w.startswith(("-", "'", ".", "$"))}
     return names
 
 

@@ -14,6 +14,7 @@ from loraforge.errors import LoraforgeError
 from loraforge.formats.fused_adapters import match_layout
 from loraforge.lora import Adapter, LoraConfig, inject
 from loraforge.model import build_on_meta
+from loraforge.config_sources import config_from_gguf_metadata, config_from_hf_dict, config_to_hf_dict
 
 FAMILIES = "llama, mistral, qwen2, qwen3, gemma2, gemma3, phi3, baichuan"
 SMALL = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -67,8 +68,8 @@ def test_config_json_round_trip_through_transformers(kind):
         "Gemma2Config": dict(sliding_window=16)}.get(kind, {})
     head_dim = {} if kind == "Phi3Config" else {"head_dim": 32}  # (transformers' Phi-3 derives it)
     hf = getattr(transformers, kind)(**SMALL, **head_dim, **extra)
-    cfg = ModelConfig.from_hf_dict(hf.to_dict())
-    again = ModelConfig.from_hf_dict(getattr(transformers, kind).from_dict(cfg.to_hf_dict()).to_dict())
+    cfg = config_from_hf_dict(hf.to_dict())
+    again = config_from_hf_dict(getattr(transformers, kind).from_dict(config_to_hf_dict(cfg)).to_dict())
     assert again == cfg
     assert cfg.head_dim == head_dim.get("head_dim", 16)
 
@@ -80,15 +81,15 @@ def test_gguf_defaults_follow_llamacpp():
                 f"{arch}.feed_forward_length": 96, f"{arch}.vocab_size": 10, f"{arch}.block_count": 2}
         return {**base, **{f"{arch}.{k}": v for k, v in keys.items()}}
 
-    g2 = ModelConfig.from_gguf_metadata(meta("gemma2"), "m.gguf")
+    g2 = config_from_gguf_metadata(meta("gemma2"), "m.gguf")
     assert (g2.attn_logit_softcap, g2.final_logit_softcap, g2.sliding_window) == (50.0, 30.0, 4096)
     assert g2.layer_types == ["sliding_attention", "full_attention"] and g2.tie_word_embeddings
-    g3 = ModelConfig.from_gguf_metadata(meta("gemma3", **{"attention.sliding_window": 512}), "m.gguf")
+    g3 = config_from_gguf_metadata(meta("gemma3", **{"attention.sliding_window": 512}), "m.gguf")
     assert (g3.final_logit_softcap, g3.rope_local_theta, g3.norm_offset) == (None, 10000.0, 1.0)
-    assert ModelConfig.from_gguf_metadata(meta("gemma3"), "m.gguf").sliding_window is None
-    b40 = ModelConfig.from_gguf_metadata({**meta("baichuan"), "baichuan.block_count": 40}, "m.gguf")
-    assert b40.alibi and not ModelConfig.from_gguf_metadata(meta("baichuan"), "m.gguf").alibi
-    assert ModelConfig.from_gguf_metadata(meta("phi3"), "m.gguf").fused_qkv == "qkv_proj"
+    assert config_from_gguf_metadata(meta("gemma3"), "m.gguf").sliding_window is None
+    b40 = config_from_gguf_metadata({**meta("baichuan"), "baichuan.block_count": 40}, "m.gguf")
+    assert b40.alibi and not config_from_gguf_metadata(meta("baichuan"), "m.gguf").alibi
+    assert config_from_gguf_metadata(meta("phi3"), "m.gguf").fused_qkv == "qkv_proj"
 
 
 # -- LoRA targets --------------------------------------------------------------------------------

@@ -61,10 +61,9 @@ def convert_folder(base: str, out: str, outtype: str, specs: list[tuple[str, flo
                    tokenizer_pre: str | None = None) -> dict:
     """Convert (and merge) an HF folder to GGUF; write the Modelfile when asked. Shared with `merge`."""
     from loraforge.formats.adapters import load_adapters
-    from loraforge.formats.convert import convert_hf_to_gguf
-    from loraforge.formats.hf import read_config
+    from loraforge.formats.convert import convert_hf_to_gguf, convertible_config
 
-    cfg = read_config(base)
+    cfg = convertible_config(base)
     modelfile = plan_modelfile(args, base, out)
     adapters = load_adapters(specs, cfg)
     labels = [f"{os.path.basename(p.rstrip('/'))} x{s:g}" for p, s in specs]

@@ -132,6 +132,10 @@ def _plan_ollama(args: argparse.Namespace, base: str):
             raise LoraforgeError("--to ollama with an HF base folder needs --base-gguf FILE: the base as GGUF for the "
                                  "Modelfile's FROM (an existing converted file, or where to convert it)")
         base_gguf = args.base_gguf
+        if not os.path.exists(base_gguf):  # converted at the end: refuse a base llama.cpp cannot hold now
+            from loraforge.formats.convert import convertible_config
+
+            convertible_config(base)
     else:
         base_gguf = base
     write_modelfile = modelfile_for_model(gguf_path=args.out, tokenizer_source=base, template_spec=args.prompt_template,

@@ -92,13 +92,14 @@ def describe_gguf(path: str) -> dict[str, Any]:
 def _gguf_model(reader, meta: dict[str, Any], path: str) -> dict[str, Any]:
     import gguf
 
-    from loraforge.config import ModelConfig
     from loraforge.quant.ggml import SUPPORTED_TYPES
 
     names = {t.name for t in reader.tensors}
     tok_embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     n_vocab = int(tok_embd.shape[0]) if tok_embd is not None else None
-    cfg = ModelConfig.from_gguf_metadata(meta, path, n_vocab=n_vocab, has_output="output.weight" in names)
+    from loraforge.config_sources import config_from_gguf_metadata
+
+    cfg = config_from_gguf_metadata(meta, path, n_vocab=n_vocab, has_output="output.weight" in names)
     rope = _rope_text(cfg, has_rope_freqs="rope_freqs.weight" in names)
     unsupported = sorted({gguf.GGMLQuantizationType(t.qtype).name for t in reader.tensors
                           if t.qtype not in SUPPORTED_TYPES})

@@ -3,13 +3,17 @@
 The GGUF header (metadata from config.json and the tokenizer files, one tensor-info record per
 tensor with its final type and size) is written first; then each tensor is read from its
 safetensors shard with plain reads (no memory map, so the input's pages never count towards
-this process's memory), has the adapters' deltas added (`merge.weight_delta`, HF layout), is
-permuted into llama.cpp's q/k order where the architecture needs it, encoded and written, and
+this process's memory), has the adapters' deltas added (`merge.weight_delta`, HF layout), is put
+into llama.cpp's layout of its family (`gguf_arch.tensor_layout`: Baichuan's W_pack split into
+q/k/v, q/k rows permuted for llama-arch files, Gemma's norms + 1), encoded and written, and
 dropped. Peak memory is a few copies of the largest single tensor, whatever the model size.
 
-Per-architecture facts live in `gguf_arch`, tokenizer facts in `gguf_tokenizer`.
-Output types f32/f16/bf16/q8_0 follow llama.cpp's converter: 1-D tensors (norms, biases) and
-`rope_freqs` stay F32, matrices take the output type, and a matrix whose rows are not whole
+Per-architecture facts live in `gguf_arch` (built on `names.ARCHES`), tokenizer facts in
+`gguf_tokenizer`. One deliberate difference from llama.cpp's converter: Baichuan 2's output rows
+are L2-normalised (its NormHead, which the HF model applies when it runs and llama.cpp does not),
+so the file gives the HF model's logits; Baichuan 1 (64,000 tokens, plain head) is written as is.
+Output types f32/f16/bf16/q8_0 follow llama.cpp's converter: 1-D tensors (norms, biases,
+rope factors) stay F32, matrices take the output type, and a matrix whose rows are not whole
 blocks of it falls back to F16 (as llama.cpp's converter does on its QuantError). The other
 types (q4_k_m, q6_k, q4_0 ...) are llama-quantize's per-tensor mixes over that output.
 """
@@ -145,47 +149,63 @@ def native_outtype(folder: str) -> str:
 class PlannedTensor:
     gguf_name: str
     hf_name: str | None  # source tensor (None: generated, e.g. rope_freqs)
-    shape: tuple[int, ...]  # torch order
+    shape: tuple[int, ...]  # torch order, as written
     qtype: str
-    heads: int | None  # q/k rows to permute by, else None
-    values: Callable[[], torch.Tensor]  # float32, HF layout, adapters applied
+    values: Callable[[], torch.Tensor]  # float32, GGUF layout (rows split, permuted, + 1), adapters applied
 
 
-def _expected_hf_names(cfg: ModelConfig) -> list[str]:
-    names = ["model.embed_tokens.weight", "model.norm.weight"]
+def expected_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """{HF tensor name: shape} of every weight a `cfg` model's safetensors hold (lm_head only when
+    untied), in HF's layout: stacked qkv_proj / W_pack / gate_up_proj, q/k norms, Gemma's four norms."""
+    h, f = cfg.hidden_size, cfg.intermediate_size
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,)}
     if not cfg.tie_word_embeddings:
-        names.append("lm_head.weight")
+        shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    norms = ["input_layernorm", "post_attention_layernorm"]
+    if cfg.post_norms:
+        norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
-        names += [p + n + ".weight" for n in (
-            "input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
-            "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+        shapes.update({p + n + ".weight": (h,) for n in norms})
+        projections = {"q_proj": cfg.q_size, "k_proj": cfg.kv_size, "v_proj": cfg.kv_size}
+        if cfg.fused_qkv:
+            shapes[p + f"self_attn.{cfg.fused_qkv}.weight"] = (sum(projections.values()), h)
+        else:
+            shapes.update({p + f"self_attn.{n}.weight": (rows, h) for n, rows in projections.items()})
         if cfg.attention_bias:
-            names += [p + f"self_attn.{n}.bias" for n in ("q_proj", "k_proj", "v_proj")]
+            shapes.update({p + f"self_attn.{n}.bias": (rows,) for n, rows in projections.items()})
+        shapes[p + "self_attn.o_proj.weight"] = (h, cfg.q_size)
         if cfg.o_proj_bias:
-            names.append(p + "self_attn.o_proj.bias")
-    return names
+            shapes[p + "self_attn.o_proj.bias"] = (h,)
+        if cfg.qk_norm:
+            shapes.update({p + f"self_attn.{n}.weight": (cfg.head_dim,) for n in ("q_norm", "k_norm")})
+        if cfg.fused_gate_up:
+            shapes[p + "mlp.gate_up_proj.weight"] = (2 * f, h)
+        else:
+            shapes.update({p + f"mlp.{n}.weight": (f, h) for n in ("gate_proj", "up_proj")})
+        shapes[p + "mlp.down_proj.weight"] = (h, f)
+    return shapes
 
 
 def _order_key(gguf_name: str) -> tuple[int, int, str]:
     m = re.match(r"blk\.(\d+)\.", gguf_name)
     if m:
         return 1, int(m.group(1)), gguf_name
-    return (0 if gguf_name in ("rope_freqs.weight", "token_embd.weight") else 2), 0, gguf_name
+    return (0 if gguf_name.startswith("rope_") or gguf_name == "token_embd.weight" else 2), 0, gguf_name
 
 
 def plan_tensors(folder: str, cfg: ModelConfig, outtype: str,
                  adapters: Sequence[tuple[Adapter, float]] = ()) -> list[PlannedTensor]:
     """Every output tensor of the GGUF, in file order; raises a one-line error for a missing,
-    unknown or misshapen tensor before anything is written."""
-    from loraforge.formats.gguf_arch import arch_spec, llama3_rope_divisors
-    from loraforge.formats.names import hf_to_gguf_name, qk_heads
+    unknown or misshapen tensor (or an adapter llama.cpp's file of the family cannot hold) before
+    anything is written."""
+    from loraforge.formats.gguf_arch import extra_tensors, llama_cpp_arch, tensor_layout
+    from loraforge.formats.names import arch_facts
     from loraforge.merge import needs_untied_output, weight_delta
 
-    spec = arch_spec(cfg.arch)
     sources = index_safetensors(folder)
     present = {n for n in sources if not _SKIPPED.search(n)}
-    expected = _expected_hf_names(cfg)
+    expected = expected_hf_shapes(cfg)
     missing = [n for n in expected if n not in present]
     if missing:
         raise file_error(folder, f"missing {len(missing)} tensor(s), e.g. {missing[0]}")
@@ -194,39 +214,56 @@ def plan_tensors(folder: str, cfg: ModelConfig, outtype: str,
     unknown = sorted(present - set(expected))
     if unknown:
         raise file_error(folder, f"unexpected tensor {unknown[0]!r} for a {cfg.arch} model (not converted)")
-    emb = sources["model.embed_tokens.weight"].shape
-    if emb != (cfg.vocab_size, cfg.hidden_size):
-        raise file_error(folder, f"model.embed_tokens.weight has shape {emb}, config.json says "
-                                 f"{(cfg.vocab_size, cfg.hidden_size)}")
+    for name, shape in expected.items():
+        if sources[name].shape != shape:
+            raise file_error(sources[name].path, f"tensor {name} has shape {sources[name].shape}, config.json "
+                                                 f"implies {shape}")
+    untied_output = needs_untied_output(cfg, adapters)
+    if untied_output and arch_facts(llama_cpp_arch(cfg.arch)).output_tied:
+        raise LoraforgeError(f"an adapter on lm_head / embed_tokens of a tied {cfg.arch} model cannot be merged "
+                             "for llama.cpp: its files of this architecture have no separate output layer")
 
     def loader(hf_name: str, src: SourceTensor) -> Callable[[], torch.Tensor]:
         def values() -> torch.Tensor:
             t = src.read()
             delta = weight_delta(adapters, hf_name)
-            return t if delta is None else t + delta.reshape(t.shape)
+            t = t if delta is None else t + delta.reshape(t.shape)
+            if hf_name == "lm_head.weight" and cfg.norm_head:  # Baichuan 2's NormHead, as the HF model applies it
+                t = torch.nn.functional.normalize(t, dim=-1)
+            return t
+        return values
+
+    held: dict[str, list] = {}  # a stacked tensor split into several GGUF tensors: read once, kept for its parts
+
+    def placed(hf_name: str, read: Callable[[], torch.Tensor], layout, n_parts: int) -> Callable[[], torch.Tensor]:
+        def values() -> torch.Tensor:
+            if n_parts == 1:
+                return layout.apply(read())
+            entry = held.setdefault(hf_name, [None, n_parts])
+            if entry[0] is None:
+                entry[0] = read()
+            entry[1] -= 1
+            part = layout.apply(entry[0])
+            if entry[1] == 0:
+                del held[hf_name]
+            return part
         return values
 
     plan: list[PlannedTensor] = []
-    divisors = llama3_rope_divisors(cfg)
-    if divisors is not None:
-        plan.append(PlannedTensor("rope_freqs.weight", None, tuple(divisors.shape), "F32", None,
-                                  lambda d=divisors: torch.from_numpy(d)))
+    for gguf_name, array in extra_tensors(cfg).items():
+        plan.append(PlannedTensor(gguf_name, None, tuple(array.shape), "F32", lambda a=array: torch.from_numpy(a)))
     for hf_name in expected:
-        src = sources[hf_name]
-        gguf_name = hf_to_gguf_name(hf_name)
-        heads = qk_heads(hf_name, cfg.num_attention_heads, cfg.num_key_value_heads) if spec.permute_qk else None
-        plan.append(PlannedTensor(gguf_name, hf_name, src.shape, tensor_qtype(gguf_name, src.shape, outtype),
-                                  heads, loader(hf_name, src)))
-    if needs_untied_output(cfg, adapters):  # the adapted model's output differs from its input embedding
+        read = loader(hf_name, sources[hf_name])
+        layouts = tensor_layout(hf_name, cfg)
+        for layout in layouts:
+            rows = sources[hf_name].shape[0] if layout.rows is None else layout.rows[1] - layout.rows[0]
+            shape = (rows, *sources[hf_name].shape[1:])
+            plan.append(PlannedTensor(layout.gguf_name, hf_name, shape, tensor_qtype(layout.gguf_name, shape, outtype),
+                                      placed(hf_name, read, layout, len(layouts))))
+    if untied_output:  # the adapted model's output differs from its input embedding
         src = sources["model.embed_tokens.weight"]
-
-        def output_values() -> torch.Tensor:
-            t = src.read()
-            delta = weight_delta(adapters, "lm_head.weight")
-            return t if delta is None else t + delta.reshape(t.shape)
-
         plan.append(PlannedTensor("output.weight", "lm_head.weight", src.shape,
-                                  tensor_qtype("output.weight", src.shape, outtype), None, output_values))
+                                  tensor_qtype("output.weight", src.shape, outtype), loader("lm_head.weight", src)))
     plan.sort(key=lambda p: _order_key(p.gguf_name))
     return plan
 
@@ -251,6 +288,17 @@ def _model_name(folder: str, cfg: ModelConfig) -> str:
     return os.path.basename(name) if name else os.path.basename(os.path.abspath(folder))
 
 
+def convertible_config(folder: str | os.PathLike) -> ModelConfig:
+    """The folder's ModelConfig, refused (one line) when its family cannot be written for llama.cpp or
+    llama.cpp would run it differently from its config.json (checked before any slow work)."""
+    from loraforge.formats.gguf_arch import check_expressible
+    from loraforge.formats.hf import read_config
+
+    cfg = read_config(folder)
+    check_expressible(cfg, os.path.join(os.fspath(folder), "config.json"))
+    return cfg
+
+
 def convert_hf_to_gguf(folder: str | os.PathLike, out_path: str | os.PathLike, outtype: str = "f16",
                        adapters: Sequence[tuple[Adapter, float]] = (), labels: Sequence[str] = (),
                        tokenizer_pre: str | None = None,
@@ -263,17 +311,14 @@ def convert_hf_to_gguf(folder: str | os.PathLike, out_path: str | os.PathLike, o
     import gguf
 
     from loraforge.atomic import atomic_path
-    from loraforge.formats.gguf_arch import arch_metadata, arch_spec
+    from loraforge.formats.gguf_arch import add_metadata, arch_metadata, arch_spec
     from loraforge.formats.gguf_tokenizer import tokenizer_kv
-    from loraforge.formats.hf import read_config
-    from loraforge.formats.names import permute_qk_hf_to_gguf
     from loraforge.merge import weight_delta_exists
-
     from loraforge.quant.mixes import FILE_TYPES, parse_outtype
 
     folder, out_path = os.fspath(folder), os.fspath(out_path)
     outtype = parse_outtype(outtype)
-    cfg = read_config(folder)
+    cfg = convertible_config(folder)
     spec = arch_spec(cfg.arch)
     tokenizer = tokenizer_kv(folder, cfg.vocab_size, pre=tokenizer_pre)
     if len(tokenizer.tokens) != cfg.vocab_size:
@@ -287,15 +332,7 @@ def convert_hf_to_gguf(folder: str | os.PathLike, out_path: str | os.PathLike, o
     writer = gguf.GGUFWriter(path=None, arch=spec.gguf_arch)
     writer.add_type("model")
     writer.add_name(_model_name(folder, cfg))
-    for key, value in arch_metadata(cfg).items():
-        if isinstance(value, bool):
-            writer.add_bool(key, value)
-        elif isinstance(value, int):
-            writer.add_uint32(key, value)
-        elif isinstance(value, float):
-            writer.add_float32(key, value)
-        else:
-            writer.add_string(key, str(value))
+    add_metadata(writer, arch_metadata(cfg))
     writer.add_file_type(int(FILE_TYPES[outtype]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     tokenizer.write(writer)
@@ -313,16 +350,18 @@ def convert_hf_to_gguf(folder: str | os.PathLike, out_path: str | os.PathLike, o
         writer.write_header_to_file(path=tmp)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for i, p in enumerate(plan):
+        for p in plan:
             values = p.values()
-            if p.heads is not None:
-                values = permute_qk_hf_to_gguf(values, p.heads)
             data = encode_tensor(values, p.qtype)
             del values
             writer.write_tensor_data(data)
             total += data.nbytes
             del data
         writer.close()
+    if cfg.sliding_window is not None and cfg.sliding_window < cfg.max_position_embeddings \
+            and spec.gguf_arch not in ("gemma2", "gemma3"):
+        log(f"note: llama.cpp runs {spec.gguf_arch} files without the {cfg.sliding_window}-token sliding window of "
+            f"this {cfg.arch} model; its outputs differ from transformers' past {cfg.sliding_window} tokens")
     log(f"converted {len(plan)} tensors ({spec.gguf_arch}, {outtype}, tokenizer {tokenizer.model}"
         f"{'/' + tokenizer.pre if tokenizer.model == 'gpt2' else ''})")
     return {"tensors": len(plan), "changed": changed, "arch": spec.gguf_arch, "bytes": total, "outtype": outtype}

@@ -84,7 +84,7 @@ def read_ggla(path: str | os.PathLike, cfg: ModelConfig) -> Adapter:
 
     Per-module alphas reproduce llama.cpp's header scaling alpha / r_header on every tensor.
     """
-    from loraforge.formats.adapters import check_adapter, check_pair_shapes
+    from loraforge.formats.adapter_shapes import check_adapter, check_pair_shapes
 
     path = os.fspath(path)
     lora_r, lora_alpha, raw = read_ggla_tensors(path)

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from loraforge.config import ModelConfig
+from loraforge.config_sources import config_from_gguf_metadata
 from loraforge.errors import LoraforgeError, file_error
 from loraforge.formats.names import (gguf_to_hf_name, is_aux_gguf_tensor, is_norm_plus_one, needs_qk_permutation,
                                      permute_qk_gguf_to_hf, qk_heads)
@@ -118,8 +119,6 @@ def _reader_class():
 
 def open_reader(path: str | os.PathLike):
     """A gguf.GGUFReader, or a one-line error naming the file and what is wrong with it."""
-    import gguf
-
     from loraforge.formats.gguf_file import read_gguf
 
     path = os.fspath(path)
@@ -157,8 +156,8 @@ def read_model(path: str | os.PathLike) -> GGUFModel:
     names = {t.name for t in gf.tensors}
     tok_embd = next((t for t in gf.tensors if t.name == "token_embd.weight"), None)
     n_vocab = int(tok_embd.shape[0]) if tok_embd is not None else None
-    cfg = ModelConfig.from_gguf_metadata(meta, path, n_vocab=n_vocab, has_output="output.weight" in names,
-                                         tensor_names=names)
+    cfg = config_from_gguf_metadata(meta, path, n_vocab=n_vocab, has_output="output.weight" in names,
+                                    tensor_names=names)
     if cfg.num_hidden_layers > len(names):  # before lists of names are made for that many layers
         raise file_error(path, f"the metadata says {cfg.num_hidden_layers} layers, but the file holds only "
                                f"{len(names)} tensors")

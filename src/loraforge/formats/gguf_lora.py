@@ -94,7 +94,7 @@ def write_gguf_adapter(path: str | os.PathLike, adapter: Adapter, cfg: ModelConf
     """Write `adapter` (HF layout) as a llama.cpp GGUF LoRA for a base with config `cfg`, atomically."""
     import gguf
 
-    from loraforge.formats.adapters import check_adapter
+    from loraforge.formats.adapter_shapes import check_adapter
 
     from loraforge.formats.gguf_arch import llama_cpp_arch
 
@@ -175,7 +175,7 @@ def _scalar(reader, key: str, default: Any = None) -> Any:
 
 def read_gguf_adapter(path: str | os.PathLike, cfg: ModelConfig | None = None) -> Adapter:
     """A GGUF LoRA (ours or any llama.cpp one) as an `Adapter` in HF layout, checked against `cfg`."""
-    from loraforge.formats.adapters import check_adapter, check_pair_shapes
+    from loraforge.formats.adapter_shapes import check_adapter, check_pair_shapes
     from loraforge.formats.gguf import open_reader
 
     path = os.fspath(path)

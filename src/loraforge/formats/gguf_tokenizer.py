@@ -3,7 +3,11 @@ writes them (conversion/base.py: `_set_vocab_sentencepiece`, `_set_vocab_llama_h
 
 Three sources, tried in llama.cpp's order:
 - `tokenizer.model` (SentencePiece, read with the `sentencepiece` package): model "llama", the
-  pieces' own scores and types, added tokens from tokenizer_config.json's added_tokens_decoder.
+  pieces' own scores and types, added tokens from tokenizer_config.json's added_tokens_decoder
+  (and tokenizer.json's added tokens it does not list, as llama.cpp's Phi-3 converter reads them):
+  special or special-looking ones (`<start_of_turn>`, `<|end|>` ...) become control tokens.
+  `add_space_prefix` follows the model's own normalizer (Gemma adds no leading space; llama.cpp's
+  converter writes false for Gemma by name) unless tokenizer_config.json says add_prefix_space.
 - `tokenizer.json` holding a SentencePiece-style vocabulary (BPE with byte fallback, or Unigram):
   model "llama". Unigram pieces keep their scores; BPE pieces get `-rank` of the merge that makes
   them, so llama.cpp's highest-score-first merging replays the merge order (llama.cpp's own
@@ -31,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from loraforge.errors import LoraforgeError, file_error
+from loraforge.tokenizer import tokenizer_components
 
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
 
@@ -180,9 +185,17 @@ def _apply_added_tokens(folder: Path, tokens: list[str], types: list[int], score
         if isinstance(token_id, int) and 0 <= token_id < len(tokens):
             tokens[token_id], types[token_id], scores[token_id] = text, TOKEN_USER_DEFINED, -1000.0
     decoder = _read_json(folder / "tokenizer_config.json").get("added_tokens_decoder") or {}
-    for key, data in decoder.items():
-        token_id = int(key)
-        if not 0 <= token_id < len(tokens) or not isinstance(data, dict):
+    entries = [(int(key), data) for key, data in decoder.items() if isinstance(data, dict)]
+    # tokenizer.json's added tokens for ids tokenizer_config.json does not list (transformers 5 writes
+    # no added_tokens_decoder), as llama.cpp's Phi-3 converter reads them; the pieces the SentencePiece
+    # model itself types as control, unknown or byte keep their type
+    listed = {token_id for token_id, _ in entries}
+    for data in _read_json(folder / "tokenizer.json").get("added_tokens") or []:
+        if isinstance(data, dict) and isinstance(data.get("id"), int) and data["id"] not in listed \
+                and 0 <= data["id"] < len(tokens) and types[data["id"]] in (TOKEN_NORMAL, TOKEN_UNUSED):
+            entries.append((data["id"], data))
+    for token_id, data in entries:
+        if not 0 <= token_id < len(tokens):
             continue
         text = str(data.get("content", ""))
         if data.get("special") or _looks_special(text):
@@ -191,6 +204,13 @@ def _apply_added_tokens(folder: Path, tokens: list[str], types: list[int], score
             text = text.replace("\u2581", " ")
             types[token_id] = TOKEN_USER_DEFINED
         tokens[token_id], scores[token_id] = text, -1000.0
+
+
+def _adds_dummy_prefix(sp: Any) -> bool:
+    """The SentencePiece model's normalizer adds a leading "\u2581" (add_dummy_prefix; Llama yes, Gemma
+    no): seen in the pieces of "a", which hold no "\u2581" (or its first byte, 0xE2) of their own."""
+    pieces = sp.EncodeAsPieces("a")
+    return bool(pieces) and (pieces[0].startswith("\u2581") or pieces[0] == "<0xE2>")
 
 
 def _sentencepiece_model(folder: Path, vocab_size: int) -> TokenizerKV:
@@ -213,21 +233,9 @@ def _sentencepiece_model(folder: Path, vocab_size: int) -> TokenizerKV:
     _apply_added_tokens(folder, tokens, types, scores)
     config = _read_json(folder / "tokenizer_config.json")
     prefix = config.get("add_prefix_space")
-    return TokenizerKV("llama", "default", tokens, types, scores,
-                       add_space_prefix=prefix if isinstance(prefix, bool) else None)
-
-
-def _components(node: Any, type_name: str) -> list[dict[str, Any]]:
-    found: list[dict[str, Any]] = []
-    if isinstance(node, dict):
-        if node.get("type") == type_name:
-            found.append(node)
-        for value in node.values():
-            found += _components(value, type_name)
-    elif isinstance(node, list):
-        for value in node:
-            found += _components(value, type_name)
-    return found
+    if not isinstance(prefix, bool):  # llama.cpp's default for SentencePiece is a leading space
+        prefix = None if _adds_dummy_prefix(sp) else False
+    return TokenizerKV("llama", "default", tokens, types, scores, add_space_prefix=prefix)
 
 
 def _sentencepiece_json(path: Path, spec: dict[str, Any], vocab_size: int) -> TokenizerKV:
@@ -269,9 +277,9 @@ def _sentencepiece_json(path: Path, spec: dict[str, Any], vocab_size: int) -> To
             text = text.replace("\u2581", " ")
         tokens[i], scores[i] = text, (scores[i] if i in pieces else -1000.0)
     tokens, types, scores = tokens[:size], types[:size], scores[:size]
-    prefix = bool(_components(spec.get("normalizer"), "Prepend")) or any(
+    prefix = bool(tokenizer_components(spec.get("normalizer"), "Prepend")) or any(
         m.get("prepend_scheme", "always") != "never" and m.get("add_prefix_space", True)
-        for m in _components(spec.get("pre_tokenizer"), "Metaspace"))
+        for m in tokenizer_components(spec.get("pre_tokenizer"), "Metaspace"))
     return TokenizerKV("llama", "default", tokens, types, scores, add_space_prefix=prefix)
 
 

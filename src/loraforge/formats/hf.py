@@ -11,6 +11,7 @@ from typing import Iterator
 import torch
 
 from loraforge.config import ModelConfig
+from loraforge.config_sources import config_from_hf_folder, config_to_hf_dict
 from loraforge.errors import file_error
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -112,7 +113,7 @@ def read_config(folder: str | os.PathLike) -> ModelConfig:
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         raise file_error(folder, "no such folder" if not os.path.exists(folder) else "not a folder")
-    return ModelConfig.from_hf_folder(folder)
+    return config_from_hf_folder(folder)
 
 
 def hf_layout(cfg: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor]]
@@ -195,4 +196,4 @@ def write_folder(folder: str | os.PathLike, cfg: ModelConfig, tensors: Iterator[
         with atomic_path(os.path.join(folder, INDEX_NAME)) as tmp, open(tmp, "w", encoding="utf-8") as f:
             json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=2)
     with atomic_path(os.path.join(folder, "config.json")) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        json.dump(cfg.to_hf_dict(), f, indent=2)
+        json.dump(config_to_hf_dict(cfg), f, indent=2)

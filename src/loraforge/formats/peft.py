@@ -110,7 +110,7 @@ def write_peft(folder: str | os.PathLike, adapter: Adapter, cfg: ModelConfig, ba
     lora_dropout: recorded in the config (default: the adapter's own, from training, else 0).
     Both files are written atomically; on failure a folder this call created is removed again.
     """
-    from loraforge.formats.adapters import check_adapter
+    from loraforge.formats.adapter_shapes import check_adapter
     from loraforge.formats.hf import save_safetensors, verify_written_safetensors
 
     folder = os.fspath(folder)
@@ -217,7 +217,7 @@ def read_peft(folder: str | os.PathLike, cfg: ModelConfig | None = None) -> Adap
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from loraforge.formats.adapters import check_adapter, is_known_module
+    from loraforge.formats.adapter_shapes import check_adapter, is_known_module
 
     folder = os.fspath(folder)
     if not os.path.isdir(folder):

@@ -172,7 +172,8 @@ class Finetune:
         set_threads(s.model.threads)
         if s.data.batch % ranks.world:
             raise LoraforgeError(f"--batch {s.data.batch} is the global batch of all {ranks.world} processes and must "
-                                 f"divide by {ranks.world} (e.g. --batch {ranks.world * max(1, s.data.batch // ranks.world)})")
+                                 f"divide by {ranks.world} "
+                                 f"(e.g. --batch {ranks.world * max(1, s.data.batch // ranks.world)})")
         if ranks.fsdp and (s.model.quantize or s.model.base_dtype == "quantized"):
             what = f"--quantize {s.model.quantize}" if s.model.quantize else "--base-dtype quantized"
             raise LoraforgeError(f"--fsdp shards dense bases (f32/f16/bf16) only; a quantized base ({what}) trains "
@@ -431,7 +432,7 @@ class Finetune:
     def _report_start(self, model, params, lora_cfg, wrapped, state: TrainState, n_iter: int) -> None:
         trainable, total = count_parameters(model)
         lora_bytes = sum(p.numel() * p.element_size() for p in params)
-        for module, rank in _rank_report(lora_cfg, wrapped).items():
+        for module, rank in _rank_report(model, wrapped).items():
             out(f"print_lora_params: n_rank_{module:<12}: {rank}")
         out(f"finetune: total train_iterations {state.iteration}")
         out(f"finetune: seen train_samples     {state.samples_seen}")
@@ -489,11 +490,14 @@ class Finetune:
         return state
 
 
-def _rank_report(cfg: LoraConfig, wrapped: list[str]) -> dict[str, int]:
+def _rank_report(model, wrapped: list[str]) -> dict[str, int]:
+    """llama.cpp's n_rank_* lines: the rank each tensor type got (stacked projections of Phi-3 and
+    Baichuan under their own names), read from the adapters attached to the model."""
     names = {"q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo", "gate_proj": "ffn_gate",
-             "down_proj": "ffn_down", "up_proj": "ffn_up", "embed_tokens": "tok_embeddings", "lm_head": "output"}
-    report = {v: 0 for v in names.values()}
+             "down_proj": "ffn_down", "up_proj": "ffn_up", "embed_tokens": "tok_embeddings", "lm_head": "output",
+             "qkv_proj": "wqkv", "W_pack": "wqkv", "gate_up_proj": "ffn_gate_up"}
+    report = {v: 0 for k, v in names.items() if k not in ("qkv_proj", "W_pack", "gate_up_proj")}
     for module in wrapped:
         short = module.rsplit(".", 1)[-1]
-        report[names.get(short, short)] = cfg.rank_for(module)
+        report[names.get(short, short)] = int(model.get_submodule(module).lora_A["default"].shape[0])
     return report

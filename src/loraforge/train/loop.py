@@ -135,7 +135,8 @@ def train(model: nn.Module, source: BatchSource, optimizer: torch.optim.Optimize
         grad_norm = _clip(params, opts.grad_clip)
         if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
             what = "loss" if not math.isfinite(step_loss) else "gradient norm"
-            raise NonFiniteLoss(f"iteration {iteration}: the {what} became {step_loss if what == 'loss' else grad_norm}; "
+            value = step_loss if what == "loss" else grad_norm
+            raise NonFiniteLoss(f"iteration {iteration}: the {what} became {value}; "
                                 "training stopped before applying it, and the files saved so far are kept "
                                 "(try a lower --lr or --lora-alpha)")
         optimizer.step()

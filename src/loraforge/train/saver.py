@@ -1,6 +1,6 @@
 """Writing a run's checkpoints and adapters: ITERATION files, LATEST and BEST copies, pruning.
 
-Order of one save: adapter-N, checkpoint-N, adapter-LATEST, checkpoint-LATEST, then numbered
+Order of one save: checkpoint-N, adapter-N, checkpoint-LATEST, adapter-LATEST, then numbered
 files beyond --save-total-limit are removed. Every write is atomic, so a kill at any point
 leaves loadable files; a resumed run re-writes adapter-LATEST from the checkpoint when a kill
 left the two apart.
@@ -8,6 +8,7 @@ left the two apart.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -52,17 +53,29 @@ class Saver:
         write_gguf_adapter(path, adapter, self.cfg, self.gguf_arch)
 
     def save(self, state: TrainState) -> None:
-        """Checkpoint and adapter of this iteration, and their LATEST copies."""
+        """Checkpoint and adapter of this iteration, and their LATEST copies.
+
+        The pair is written checkpoint first; if the adapter then cannot be written, the new
+        checkpoint file is removed again, so a failed save leaves no half pair behind.
+        """
         o, it = self.spec.outputs, state.iteration
         self._check_finite(it)
         lora_path, ckpt_path = pattern_path(o.lora_out, it), pattern_path(o.checkpoint_out, it)
-        self.write_adapter(lora_path, self.adapter(it))
+        new_ckpt = not os.path.exists(ckpt_path)
         save_checkpoint(ckpt_path, self.model, self.optimizer, self.lora_cfg, state, self.cfg,
                         self.spec.to_dict())
-        if "ITERATION" in o.lora_out:
-            atomic_copy(lora_path, pattern_path(o.lora_out, "LATEST"))
+        try:
+            self.write_adapter(lora_path, self.adapter(it))
+        except BaseException:
+            if new_ckpt and ckpt_path != pattern_path(o.checkpoint_out, "LATEST"):
+                with contextlib.suppress(OSError):
+                    os.unlink(ckpt_path)
+            raise
+        # LATEST: the checkpoint first; a resumed run re-writes an adapter-LATEST left behind it
         if "ITERATION" in o.checkpoint_out:
             atomic_copy(ckpt_path, pattern_path(o.checkpoint_out, "LATEST"))
+        if "ITERATION" in o.lora_out:
+            atomic_copy(lora_path, pattern_path(o.lora_out, "LATEST"))
         out(f"save_checkpoint: saved {ckpt_path} and {lora_path} (iteration {it})")
         if o.save_total_limit:
             removed = prune_iterations([o.checkpoint_out, o.lora_out], o.save_total_limit)

@@ -423,7 +423,8 @@ def validate(spec: RunSpec) -> None:
         raise bad("load_best_at_end", "needs --eval-every (evaluations to choose from)")
     given = [n for n in ("adam_iter", "max_steps", "epochs") if values[n] is not None]
     if len(given) > 1:
-        raise bad(given[1], f"give one of --adam-iter, --max-steps, --epochs (also got {_describe(given[0], spec.origin)})")
+        first = _describe(given[0], spec.origin)
+        raise bad(given[1], f"give one of --adam-iter, --max-steps, --epochs (also got {first})")
     if values["save_total_limit"] and "ITERATION" not in spec.outputs.checkpoint_out:
         raise bad("save_total_limit", "needs ITERATION in --checkpoint-out (numbered files to remove)")
     if values["quantize"] and values["base_dtype"] not in ("auto",):
