@@ -105,6 +105,11 @@ def enable(model: nn.Module, on_failure: Callable[[str], None] = _default_warnin
     """Run the model's decoder layers compiled from now on (model.compiled_layer)."""
     # a failed compilation is reported by one line of ours; Inductor's own note on it is not needed
     logging.getLogger("torch._inductor.utils").setLevel(logging.ERROR)
+    # random ops (LoRA dropout) draw from torch's own generator, as in eager layers, so compiled and
+    # eager runs share their dropout masks and a seed means the same thing in both modes
+    import torch._inductor.config
+
+    torch._inductor.config.fallback_random = True
     model.compiled_layer = CompiledLayer(on_failure)
     return model.compiled_layer
 

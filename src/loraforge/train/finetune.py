@@ -266,8 +266,8 @@ class Finetune:
             if ranks.is_main:
                 check_run_outputs({"--checkpoint-out": o.checkpoint_out, "--lora-out": o.lora_out}, saves + [total])
         self._report_start(model, params, lora_cfg, wrapped, state, n_iter)
-        if n_iter > 0:
-            self._compile(model, source, n_iter)
+        if n_iter > 0:  # decided on the run's length, so the same command resumes in the same mode
+            self._compile(model, source, total)
 
         metrics = trackers = printer = Silent()  # ranks > 0 write nothing
         with ranks.agreement():
@@ -318,13 +318,14 @@ class Finetune:
             return EXIT_INTERRUPTED
         return 0
 
-    def _compile(self, model, source, n_iter: int) -> None:
+    def _compile(self, model, source, total: int) -> None:
         """--compile: compile the decoder layers on one step of the first batch (its time is reported and
-        not counted in tokens/s); a failure falls back to eager layers with one warning."""
+        not counted in tokens/s); a failure falls back to eager layers with one warning. `auto` decides
+        on the run's total iterations (not those left), so a resumed run keeps the mode it began in."""
         from loraforge import compiled
 
         mode, ranks = self.spec.model.compile, self.ranks
-        if not compiled.wanted(mode, self.device.type, n_iter, distributed=ranks.world > 1):
+        if not compiled.wanted(mode, self.device.type, total, distributed=ranks.world > 1):
             return
         compiled.enable(model, warn)
         probe_batch = ranks.rows(source.make_batch(list(range(min(source.items_per_batch, source.n_items)))))
