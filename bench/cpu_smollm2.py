@@ -64,7 +64,8 @@ PEERS = ("peer-ckpt", "peer", "peer-bf16")
 
 def precision(name: str) -> str:
     return "bf16" if CONTENDERS[name][2] == "bf16" else "fp32"
-ISSUE_PEER = "issue's peer figure: ~33 tokens/s, ~1.8 GB peak RSS (transformers 5.23 + peft 0.21 on this machine)"
+ISSUE_PEER = ("issue's peer figure: 130 tokens/s, ~1.8 GB peak RSS (transformers 5.2x + peft 0.21, an earlier run "
+              "on this machine's previous CPU)")
 
 
 # -- data ------------------------------------------------------------------------------------------

@@ -177,8 +177,9 @@ def test_killed_process_stops_the_other_and_latest_resumes(tmp_path: Path, tiny_
                             stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 300
-        while not ((tmp_path / "lora-metrics.jsonl").exists() and len(losses(tmp_path)) >= 3):
-            assert proc.poll() is None and time.time() < deadline, "the run did not reach iteration 3"
+        # iteration 4's loss line comes after iteration 3's save (the line of 3 itself comes before it)
+        while not ((tmp_path / "lora-metrics.jsonl").exists() and len(losses(tmp_path)) >= 4):
+            assert proc.poll() is None and time.time() < deadline, "the run did not reach iteration 4"
             time.sleep(0.2)
         pids = rank_pids(proc.pid)
         os.kill(pids[1], signal.SIGKILL)
