@@ -197,3 +197,18 @@ def test_a_failed_adapter_write_takes_its_checkpoint_back(tmp_path: Path, tiny_l
     monkeypatch.setattr(Saver, "write_adapter", real)
     assert main(["finetune", *run, "--max-steps", "2"]) == 0
     assert (tmp_path / "chk-2.gguf").exists() and (tmp_path / "lora-2.gguf").exists()
+
+
+def test_compile_is_decided_on_the_whole_run(tmp_path: Path, tiny_llama_folder: str, shakespeare_file: Path,
+                                             monkeypatch) -> None:
+    """--compile auto looks at the run's total iterations, not those left after a resume, so re-running the
+    same command after a stop trains the rest in the mode the run began in."""
+    from loraforge import compiled
+
+    asked: list[tuple[str, int]] = []
+    monkeypatch.setattr(compiled, "wanted", lambda mode, device, n_steps, distributed=False:
+                        asked.append((mode, n_steps)) or False)
+    monkeypatch.chdir(tmp_path)
+    assert main(["finetune", *flags(tiny_llama_folder, shakespeare_file), "--max-steps", "3"]) == 0
+    assert main(["finetune", *flags(tiny_llama_folder, shakespeare_file), "--max-steps", "7"]) == 0
+    assert asked == [("off", 3), ("off", 7)]

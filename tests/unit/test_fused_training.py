@@ -44,21 +44,21 @@ def packed_batch(vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def train(path: str, base_dtype: str, stack: bool, compile_layers: bool, steps: int = STEPS,
-          backend: str | None = None):
+          backend: str | None = None, dropout: float = 0.0):
     """Losses and adapter tensors of `steps` SGD steps of a rank-4 all-linear LoRA learning one packed
     batch (SGD: the updates are the gradients, so the comparison is not blurred by Adam's normalisation
     of near-zero gradients). backend: force the CPU matmul backend ("aten": torch's own matmuls)."""
     cpu_linear.set_backend(backend)
     try:
-        return _train(path, base_dtype, stack, compile_layers, steps)
+        return _train(path, base_dtype, stack, compile_layers, steps, dropout)
     finally:
         cpu_linear.set_backend(None)
 
 
-def _train(path: str, base_dtype: str, stack: bool, compile_layers: bool, steps: int):
+def _train(path: str, base_dtype: str, stack: bool, compile_layers: bool, steps: int, dropout: float):
     model = load_model(path, base_dtype).model
     torch.manual_seed(0)
-    inject(model, LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    inject(model, LoraConfig(r=4, alpha=8, target_modules="all-linear", dropout=dropout))
     with torch.no_grad():  # B != 0 from the start, so every adapter path carries signal
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -73,6 +73,7 @@ def _train(path: str, base_dtype: str, stack: bool, compile_layers: bool, steps:
         seconds, active = compiled.probe(model, lambda: model.loss(*batch)[0].backward())
         assert active
     losses = []
+    torch.manual_seed(1)  # the dropout masks of the steps
     for ids, labels, doc_ids in [batch] * steps:
         loss, _ = model.loss(ids, labels, doc_ids)
         loss.backward()
@@ -120,6 +121,19 @@ def test_stacked_and_compiled_training_match_eager(tiny_llama_folder, tiny_q8_gg
     print(f"{base_dtype} compiled flex attention vs eager, packed rows: max |logit diff| "
           f"{(flex - eager).abs().max().item():.2e}")
     torch.testing.assert_close(flex, eager, rtol=1e-4, atol=1e-4)
+
+
+
+@pytest.mark.slow
+def test_compiled_dropout_draws_the_eager_masks(tiny_llama_folder):
+    """With LoRA dropout, compiled layers draw the same masks from torch's generator as eager ones (a
+    seed means the same run in both modes): losses and adapters agree to float tolerance."""
+    eager = train(tiny_llama_folder, "f32", stack=True, compile_layers=False, dropout=0.3)
+    fast = train(tiny_llama_folder, "f32", stack=True, compile_layers=True, dropout=0.3)
+    loss_diff, adapter_diff = max_diffs(fast, eager)
+    print(f"\nf32 compiled vs eager with LoRA dropout 0.3: max |loss diff| {loss_diff:.2e}, "
+          f"max |adapter diff| {adapter_diff:.2e}")
+    assert loss_diff < 2e-5 and adapter_diff < 2e-5
 
 
 def test_stacked_weights_are_views_of_one_tensor(tiny_llama_folder):

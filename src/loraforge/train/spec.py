@@ -70,7 +70,8 @@ class ModelSpec:
                               help="gradient (activation) checkpointing: less memory, ~30%% more time")
     compile: str = opt("auto", "--compile", choices=("auto", "on", "off"),
                        help="run the decoder layers through torch.compile (C++ on the CPU, Triton on CUDA); "
-                            "auto: on CUDA, and on the CPU for runs long enough to win back the compile time")
+                            "auto: on CUDA, and on the CPU for runs of 300+ iterations (long enough to win back the "
+                            "compile time)")
     no_flash: bool = opt(False, "--no-flash", hidden=("--flash",),
                          help="accepted for llama.cpp compatibility (SDPA picks the attention kernel)")
     fsdp: bool = opt(False, "--fsdp",
