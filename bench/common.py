@@ -163,8 +163,6 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float
 
 
 def _best_rate(fn, flops: float, seconds: float) -> float:
-    import torch  # noqa: F401
-
     for _ in range(3):
         fn()
     best = float("inf")

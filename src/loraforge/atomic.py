@@ -43,10 +43,11 @@ def _fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
-def human_bytes(n: int) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
+def human_bytes(n: int, byte_unit: str = "bytes") -> str:
+    """n bytes as "512 bytes" (or byte_unit), "1.5 KiB", "3.2 MiB", "7.0 GiB"."""
+    for unit in (byte_unit, "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
-            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+            return f"{n} {unit}" if unit == byte_unit else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GiB"
 

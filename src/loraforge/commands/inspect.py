@@ -14,6 +14,7 @@ import math
 import os
 from typing import Any
 
+from loraforge.atomic import human_bytes
 from loraforge.errors import file_error
 
 TEMPLATE_LINES = 6  # chat template lines shown in text output
@@ -359,14 +360,6 @@ def _natural_key(name: str) -> list[Any]:
     return [int(p) if p.isdigit() else p for p in name.replace(".", " . ").split()]
 
 
-def _human_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
 def _human_count(n: int) -> str:
     for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
         if n >= div:
@@ -385,7 +378,7 @@ def format_text(info: dict[str, Any]) -> str:
 
         return format_modelfile_info(info)
     rows: list[tuple[str, str]] = [("path", info["path"]), ("kind", info["kind"]), ("format", info["format"]),
-                                   ("file size", _human_bytes(info["file_size"]))]
+                                   ("file size", human_bytes(info["file_size"], "B"))]
     if info.get("architecture"):
         rows.append(("architecture", str(info["architecture"])))
     if info.get("name"):

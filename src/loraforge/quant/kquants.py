@@ -383,9 +383,7 @@ def quantize_q3_k(x: torch.Tensor) -> torch.Tensor:
     scale, levels = make_q3_quants(xg, 4)
     scales = scale.reshape(-1, 16)
     levels = _block_major(levels, 16)
-    amax = scales.abs()
-    first = amax.argmax(dim=1, keepdim=True)
-    max_scale = torch.where(amax.gather(1, first) > 0, scales.gather(1, first), torch.zeros_like(amax[:, :1]))
+    max_scale = _signed_absmax(scales.t())[1][:, None]  # (n, 1), 0 for an all-zero block
     has_scale = max_scale != 0
     iscale = rdiv(-32.0, max_scale)
     l6 = ((nearest_int(iscale * scales) & 0xFF) ^ 0x80) - 0x80  # int8_t conversion
