@@ -58,13 +58,20 @@ def limits_for(size: int) -> list[int]:
     return [300, size // 3, size - 100]
 
 
-def test_gguf_adapter_write(tmp_path):
-    path = Path(write_tiny_adapter(tmp_path / "lora.gguf"))
-    before = snapshot(tmp_path)
+def assert_every_cut_refused(path: Path, folder: Path, rewrite) -> dict:
+    """rewrite() over the existing file `path` with the disk full at each of `limits_for`: refused each
+    time with `path` and the rest of `folder` intact. Returns the folder's snapshot from before."""
+    before = snapshot(folder)
     for limit in limits_for(path.stat().st_size):
         with pytest.raises(LoraforgeError) as e, file_size_limit(limit):
-            write_tiny_adapter(path, seed=1)
-        assert_refused_and_intact(e.value, path, tmp_path, before)
+            rewrite()
+        assert_refused_and_intact(e.value, path, folder, before)
+    return before
+
+
+def test_gguf_adapter_write(tmp_path):
+    path = Path(write_tiny_adapter(tmp_path / "lora.gguf"))
+    before = assert_every_cut_refused(path, tmp_path, lambda: write_tiny_adapter(path, seed=1))
     write_tiny_adapter(path, seed=1)  # and with room it is written
     assert path.read_bytes() != before["lora.gguf"]
 
@@ -73,11 +80,7 @@ def test_checkpoint_write(tmp_path):
     from loraforge.train.checkpoint import load_checkpoint
 
     path = Path(write_tiny_checkpoint(tmp_path / "chk-LATEST.gguf"))
-    before = snapshot(tmp_path)
-    for limit in limits_for(path.stat().st_size):
-        with pytest.raises(LoraforgeError) as e, file_size_limit(limit):
-            write_tiny_checkpoint(path, seed=1)
-        assert_refused_and_intact(e.value, path, tmp_path, before)
+    assert_every_cut_refused(path, tmp_path, lambda: write_tiny_checkpoint(path, seed=1))
     assert load_checkpoint(str(path)).state.iteration == 1  # the previous checkpoint still resumes
 
 
@@ -95,13 +98,9 @@ def test_peft_write(tmp_path):
     model, _, lora_cfg = tiny_lora_model(0)
     folder = tmp_path / "peft"
     write_peft(folder, lora.to_adapter(model, lora_cfg), tiny_model_config())
-    before = snapshot(tmp_path)
-    weights = folder / "adapter_model.safetensors"
     model, _, lora_cfg = tiny_lora_model(1)
-    for limit in limits_for(weights.stat().st_size):
-        with pytest.raises(LoraforgeError) as e, file_size_limit(limit):
-            write_peft(folder, lora.to_adapter(model, lora_cfg), tiny_model_config())
-        assert_refused_and_intact(e.value, weights, tmp_path, before)
+    assert_every_cut_refused(folder / "adapter_model.safetensors", tmp_path,
+                             lambda: write_peft(folder, lora.to_adapter(model, lora_cfg), tiny_model_config()))
 
 
 def test_merge_write(tmp_path, tiny_gguf_path):
@@ -111,11 +110,8 @@ def test_merge_write(tmp_path, tiny_gguf_path):
     adapter = load_adapter(write_tiny_adapter(tmp_path / "lora.gguf"), base_config(tiny_gguf_path)[0])
     out = tmp_path / "merged.gguf"
     merge_to_gguf(tiny_gguf_path, [(adapter, 1.0)], str(out), outtype="f32", log=lambda s: None)
-    before = snapshot(tmp_path)
-    for limit in limits_for(out.stat().st_size):
-        with pytest.raises(LoraforgeError) as e, file_size_limit(limit):
-            merge_to_gguf(tiny_gguf_path, [(adapter, 0.5)], str(out), outtype="f32", log=lambda s: None)
-        assert_refused_and_intact(e.value, out, tmp_path, before)
+    assert_every_cut_refused(out, tmp_path, lambda: merge_to_gguf(tiny_gguf_path, [(adapter, 0.5)], str(out),
+                                                                   outtype="f32", log=lambda s: None))
 
 
 def test_free_space_checked_before_writing(tmp_path, monkeypatch):

@@ -3,6 +3,7 @@ arguments) and Baichuan 2 layouts (`baichuan_reference.make_tiny_baichuan` argum
 
 from __future__ import annotations
 
+import torch
 from baichuan_reference import ALIBI_LAYERS, ROPE_LAYERS
 
 LONGROPE = {"rope_type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(8)],
@@ -32,3 +33,13 @@ BAICHUAN_CASES = {"baichuan-7b": dict(n_layers=ROPE_LAYERS), "baichuan-13b": dic
                   "baichuan-13b-6heads": dict(n_layers=ALIBI_LAYERS, n_heads=6, hidden=48)}
 
 
+
+
+def packed_documents(vocab: int) -> tuple[list[list[torch.Tensor]], torch.Tensor, torch.Tensor]:
+    """Two packed rows of 24 tokens (documents of 9, 5, 10 and 17, 7 random ids below vocab): the
+    documents per row, ids (2, 24) and doc_ids (2, 24), the document's index within its row."""
+    gen = torch.Generator().manual_seed(6)
+    docs = [[torch.randint(0, vocab, (n,), generator=gen) for n in row] for row in [[9, 5, 10], [17, 7]]]
+    ids = torch.stack([torch.cat(row) for row in docs])
+    doc_ids = torch.stack([torch.cat([torch.full((len(d),), j) for j, d in enumerate(row)]) for row in docs])
+    return docs, ids, doc_ids

@@ -17,7 +17,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from family_cases import BAICHUAN_CASES, FAMILY_CASES  # noqa: E402
+from family_cases import BAICHUAN_CASES, FAMILY_CASES, packed_documents  # noqa: E402
 from loraforge.loader import load_model  # noqa: E402
 from loraforge.model import CausalLM, KVCache  # noqa: E402
 
@@ -118,11 +118,7 @@ def test_kv_cache_decoding_equals_full_forward(case, family_factory):
 @pytest.mark.parametrize("case", KV_CASES)
 def test_packed_doc_ids_equal_separate_forwards(case, family_factory):
     reference, model = reference_and_ours(case, family_factory)
-    gen = torch.Generator().manual_seed(6)
-    lengths = [[9, 5, 10], [17, 7]]  # two packed rows of 24 tokens
-    docs = [[torch.randint(0, 256, (n,), generator=gen) for n in row] for row in lengths]
-    ids = torch.stack([torch.cat(row) for row in docs])
-    doc_ids = torch.stack([torch.cat([torch.full((len(d),), j) for j, d in enumerate(row)]) for row in docs])
+    docs, ids, doc_ids = packed_documents(256)
     with torch.no_grad():
         packed = model(ids, doc_ids=doc_ids)
         for b, row in enumerate(docs):

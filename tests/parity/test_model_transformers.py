@@ -17,6 +17,7 @@ import torch
 
 pytest.importorskip("transformers")
 
+from family_cases import packed_documents  # noqa: E402
 from loraforge.loader import load_model  # noqa: E402
 
 pytestmark = pytest.mark.transformers
@@ -186,11 +187,7 @@ def test_kv_cache_matches_transformers_generate(tiny_hf_factory):
 def test_packed_doc_ids_equal_separate_forwards(tiny_hf_factory, case):
     hf_model, folder = tiny_hf_factory(**TINY_CASES[case])
     model = load_model(folder, base_dtype="f32").model
-    gen = torch.Generator().manual_seed(6)
-    lengths = [[9, 5, 10], [17, 7]]  # two packed rows of 24 tokens
-    docs = [[torch.randint(0, 260, (n,), generator=gen) for n in row] for row in lengths]
-    ids = torch.stack([torch.cat(row) for row in docs])
-    doc_ids = torch.stack([torch.cat([torch.full((len(d),), j) for j, d in enumerate(row)]) for row in docs])
+    docs, ids, doc_ids = packed_documents(260)
     with torch.no_grad():
         packed = model(ids, doc_ids=doc_ids)
         for b, row in enumerate(docs):
