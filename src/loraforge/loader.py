@@ -182,10 +182,11 @@ def _load_gguf(path: str, base_dtype: str, device: torch.device) -> LoadedModel:
 
 
 def _load_hf(path: str, base_dtype: str, device: torch.device, quantize: str | None) -> LoadedModel:
+    from loraforge.formats.gguf_tokenizer import hf_folder_tokenizer
     from loraforge.formats.hf import iter_tensors, read_config
-    from loraforge.tokenizer import Tokenizer
 
     cfg = read_config(path)
+    tokenizer = hf_folder_tokenizer(path, cfg.vocab_size)  # before the weights: a bad tokenizer fails fast
     if base_dtype == "quantized" and not quantize:
         raise LoraforgeError(f"{path}: an HF base has no stored quantization; use --quantize nf4 "
                              "for a 4-bit resident base")
@@ -210,7 +211,6 @@ def _load_hf(path: str, base_dtype: str, device: torch.device, quantize: str | N
 
         quantize_model(model, quantize)
     _finish(model, device)
-    tokenizer = Tokenizer.from_hf_folder(path)
     chosen = f"{quantize}" if quantize else {torch.float32: "f32", torch.float16: "f16",
                                              torch.bfloat16: "bf16"}[dense]
     return LoadedModel(model, tokenizer, cfg, path, "hf", {}, chosen)

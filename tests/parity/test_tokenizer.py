@@ -352,6 +352,63 @@ def test_hf_folder_errors(tmp_path):
         Tokenizer.from_hf_folder(tmp_path)
 
 
+def test_hf_folder_with_tokenizer_model_only(spm_files, tmp_path):
+    """A folder that ships only a SentencePiece tokenizer.model (Baichuan 2, older Llama and Mistral
+    repositories): tokenized as sentencepiece itself and transformers' LlamaTokenizer tokenize it,
+    padded to the model's vocabulary, special ids from tokenizer_config.json."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from loraforge.formats.gguf_tokenizer import hf_folder_tokenizer
+
+    shutil.copy(spm_files["model"], tmp_path / "tokenizer.model")
+    (tmp_path / "tokenizer_config.json").write_text(
+        '{"tokenizer_class": "LlamaTokenizer", "legacy": true, "add_bos_token": true, "bos_token": "<s>", '
+        '"eos_token": "</s>", "unk_token": "<unk>", "chat_template": "{{ messages[0].content }}"}', encoding="utf-8")
+    processor = spm.SentencePieceProcessor(model_file=str(spm_files["model"]))
+    reference = AutoTokenizer.from_pretrained(tmp_path, legacy=True)
+    ours = hf_folder_tokenizer(tmp_path, processor.vocab_size() + 8)
+    assert ours.vocab_size == processor.vocab_size() + 8
+    assert (ours.bos_id, ours.eos_id, ours.unk_id, ours.add_bos) == (1, 2, 0, True)
+    assert ours.chat_template == "{{ messages[0].content }}"
+    for text in SPM_TEXTS:
+        assert ours.encode(text) == [1, *processor.encode(text)], text
+        assert ours.decode(ours.encode(text), skip_special=True) == text
+        if text and not text[0].isspace():
+            assert ours.encode(text) == reference(text)["input_ids"], text
+    assert hf_folder_tokenizer(tmp_path).vocab_size == processor.vocab_size()  # no config.json: the model's size
+
+
+def test_model_folder_with_tokenizer_model_only_runs(tiny_hf_factory, tmp_path, shakespeare_file):
+    """The CLI on such a folder: finetune, generate and inspect read the SentencePiece vocabulary."""
+    import shutil
+    import subprocess
+    import sys
+
+    from convert_tokenizers import write_llama_spm_tokenizer
+
+    _, source = tiny_hf_factory("llama", vocab_size=640)
+    folder = tmp_path / "spm-model"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(Path(source) / name, folder / name)
+    assert write_llama_spm_tokenizer(folder) <= 640 and not (folder / "tokenizer.json").exists()
+
+    def run(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "loraforge", *args], capture_output=True, text=True,
+                              cwd=tmp_path, timeout=600)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    run("finetune", "-m", str(folder), "--train-data", str(shakespeare_file), "--adam-iter", "2", "--batch", "2",
+        "--ctx", "16", "--lora-out", "lora-ITERATION.gguf", "--checkpoint-out", "chk-ITERATION.gguf",
+        "--save-every", "0", "--compile", "off", "--no-plot-loss")
+    assert (tmp_path / "lora-LATEST.gguf").is_file()
+    assert run("generate", "-m", str(folder), "--lora", "lora-LATEST.gguf", "-p", "안녕 hello", "-n", "4", "--temp", "0")
+    assert "SentencePiece" in run("inspect", str(folder))
+
+
 # --- streaming decode -----------------------------------------------------------------------------
 
 

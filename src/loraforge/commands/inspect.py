@@ -282,6 +282,14 @@ def describe_hf_folder(path: str) -> dict[str, Any]:
             "add_bos": tok.add_bos,
         }
         info["chat_template"] = tok.chat_template
+    elif os.path.isfile(os.path.join(path, "tokenizer.model")):
+        from loraforge.formats.gguf_tokenizer import hf_folder_tokenizer
+
+        tok = hf_folder_tokenizer(path, cfg.vocab_size)
+        info["tokenizer"] = {"model": "SentencePiece (tokenizer.model)", "pre": None, "vocab_size": tok.vocab_size,
+                             "merges": 0, "bos": _hf_special(tok, tok.bos_id), "eos": _hf_special(tok, tok.eos_id),
+                             "add_bos": tok.add_bos}
+        info["chat_template"] = tok.chat_template
     return info
 
 

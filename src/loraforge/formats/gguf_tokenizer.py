@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from loraforge.errors import LoraforgeError, file_error
-from loraforge.tokenizer import tokenizer_components
+from loraforge.tokenizer import Tokenizer, tokenizer_components
 
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
 
@@ -98,6 +98,44 @@ class TokenizerKV:
             writer.add_add_space_prefix(self.add_space_prefix)
         if self.chat_template is not None:
             writer.add_chat_template(self.chat_template)
+
+    def metadata(self) -> dict[str, Any]:
+        """The same keys as `write` adds, as the dict `Tokenizer.from_gguf_metadata` reads."""
+        meta: dict[str, Any] = {"tokenizer.ggml.model": self.model, "tokenizer.ggml.pre": self.pre,
+                                "tokenizer.ggml.tokens": self.tokens, "tokenizer.ggml.token_type": self.token_types}
+        if self.scores is not None:
+            meta["tokenizer.ggml.scores"] = self.scores
+        if self.merges:
+            meta["tokenizer.ggml.merges"] = self.merges
+        for kind, token_id in self.special_ids.items():
+            meta[f"tokenizer.ggml.{_SPECIAL_ID_KEYS.get(kind, kind)}_token_id"] = token_id
+        for kind, value in self.add_special.items():
+            meta[f"tokenizer.ggml.add_{kind}_token"] = value
+        if self.add_space_prefix is not None:
+            meta["tokenizer.ggml.add_space_prefix"] = self.add_space_prefix
+        if self.chat_template is not None:
+            meta["tokenizer.chat_template"] = self.chat_template
+        return meta
+
+
+# SpecialVocab's kinds whose GGUF key differs from `<kind>_token_id` (gguf.Keys.Tokenizer's spelling).
+_SPECIAL_ID_KEYS = {"unk": "unknown", "pad": "padding", "sep": "seperator"}
+
+
+def hf_folder_tokenizer(folder: str | os.PathLike, vocab_size: int | None = None) -> Tokenizer:
+    """The tokenizer of an HF model folder: its tokenizer.json, or, for folders that ship only a
+    SentencePiece `tokenizer.model` (Baichuan 2, older Llama and Mistral repositories), that model
+    read as the converted GGUF holds it and tokenized as llama.cpp does (needs `sentencepiece`).
+
+    vocab_size: the model's (config.json); the vocabulary is padded to it with unused tokens.
+    """
+    folder = Path(folder)
+    if (folder / "tokenizer.json").is_file() or not (folder / "tokenizer.model").is_file():
+        return Tokenizer.from_hf_folder(folder)
+    if vocab_size is None:  # 0: the SentencePiece model's own size
+        vocab_size = int(_read_json(folder / "config.json").get("vocab_size") or 0)
+    kv = tokenizer_kv(folder, vocab_size)
+    return Tokenizer.from_gguf_metadata(kv.metadata(), source=str(folder))
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -222,6 +260,7 @@ def _sentencepiece_model(folder: Path, vocab_size: int) -> TokenizerKV:
         sp.LoadFromFile(str(path))
     except (OSError, RuntimeError) as e:
         raise file_error(path, f"not a SentencePiece model ({e})") from None
+    vocab_size = vocab_size or sp.vocab_size()
     n = min(sp.vocab_size(), vocab_size)
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]
     scores = [-10000.0] * vocab_size

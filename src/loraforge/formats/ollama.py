@@ -307,7 +307,9 @@ def _tokenizer(source: str):
     from loraforge.tokenizer import Tokenizer
 
     if os.path.isdir(source):
-        return Tokenizer.from_hf_folder(source)
+        from loraforge.formats.gguf_tokenizer import hf_folder_tokenizer
+
+        return hf_folder_tokenizer(source)
     from loraforge.formats.gguf_file import read_gguf
 
     return Tokenizer.from_gguf_metadata(read_gguf(source).metadata, source=source)
