@@ -183,10 +183,11 @@ def _load_gguf(path: str, base_dtype: str, device: torch.device) -> LoadedModel:
 
 def _load_hf(path: str, base_dtype: str, device: torch.device, quantize: str | None) -> LoadedModel:
     from loraforge.formats.gguf_tokenizer import hf_folder_tokenizer
-    from loraforge.formats.hf import iter_tensors, read_config
+    from loraforge.formats.hf import iter_tensors, read_config, safetensors_files
 
     cfg = read_config(path)
-    tokenizer = hf_folder_tokenizer(path, cfg.vocab_size)  # before the weights: a bad tokenizer fails fast
+    safetensors_files(path)  # the weights are there,
+    tokenizer = hf_folder_tokenizer(path, cfg.vocab_size)  # and the tokenizer is read before them: errors come fast
     if base_dtype == "quantized" and not quantize:
         raise LoraforgeError(f"{path}: an HF base has no stored quantization; use --quantize nf4 "
                              "for a 4-bit resident base")
