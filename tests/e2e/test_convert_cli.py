@@ -96,6 +96,7 @@ MEASURE = textwrap.dedent("""
     import sys
     import torch, numpy, gguf, safetensors, tokenizers  # what the converter imports
     import loraforge.formats.convert as convert, loraforge.merge, loraforge.formats.gguf_tokenizer
+    from loraforge.formats.adapters import load_adapters
 
     def status(key):
         with open("/proc/self/status") as f:
@@ -104,30 +105,41 @@ MEASURE = textwrap.dedent("""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak (VmHWM) to the current resident size
     base = status("VmRSS")
-    convert.convert_hf_to_gguf(sys.argv[1], sys.argv[2], sys.argv[3], log=lambda s: None)
-    print(base, status("VmHWM"))
+    adapters = load_adapters([(sys.argv[4], 1.0)], convert.convertible_config(sys.argv[1]))
+    summary = convert.convert_hf_to_gguf(sys.argv[1], sys.argv[2], sys.argv[3], adapters=adapters, log=lambda s: None)
+    print(summary["changed"], base, status("VmHWM"))
 """)
 
 
 @pytest.mark.slow
-def test_streamed_convert_peak_memory(tmp_path, capsys):
-    """A 48-layer model of ~200 MiB f32: converting it to f16 raises peak RSS far less than its size."""
+def test_streamed_merge_peak_memory(tmp_path, capsys):
+    """A 48-layer model of ~200 MiB f32 merged with a PEFT adapter on every projection into a Q8_0 GGUF
+    (what `loraforge merge -m HF_FOLDER --lora PEFT -o out.gguf` runs): peak RSS grows far less than the
+    model's size."""
+    import peft
+
     folder = tmp_path / "big"
     model = make_tiny_hf_model(folder, "llama", hidden_size=256, intermediate_size=1024, num_hidden_layers=48,
                                num_attention_heads=8, num_key_value_heads=4, vocab_size=4096)
     size = sum(p.numel() for p in model.parameters()) * 4
-    del model
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, init_lora_weights=False, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    lora.save_pretrained(tmp_path / "adapter")
+    del model, lora
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     if not os.path.exists("/proc/self/clear_refs"):
         pytest.skip("needs Linux /proc to reset and read the peak resident size")
-    done = subprocess.run([sys.executable, "-c", MEASURE, str(folder), str(tmp_path / "big.gguf"), "f16"],
-                          capture_output=True, text=True, env=env, check=True, timeout=600)
-    base_kib, peak_kib = map(int, done.stdout.split()[-2:])
+    done = subprocess.run([sys.executable, "-c", MEASURE, str(folder), str(tmp_path / "big.gguf"), "q8_0",
+                           str(tmp_path / "adapter")], capture_output=True, text=True, env=env, check=True, timeout=600)
+    changed, base_kib, peak_kib = map(int, done.stdout.split()[-3:])
     grown = (peak_kib - base_kib) * 1024
+    written = (tmp_path / "big.gguf").stat().st_size
     with capsys.disabled():
-        print(f"\nstreamed convert: f32 model {size / 2**20:.0f} MiB, peak RSS {peak_kib / 1024:.0f} MiB "
-              f"({base_kib / 1024:.0f} MiB before converting, +{grown / 2**20:.0f} MiB while converting)")
-    assert (tmp_path / "big.gguf").stat().st_size > size // 2 - (1 << 20)
+        print(f"\nstreamed merge to q8_0: f32 model {size / 2**20:.0f} MiB, {changed} tensors changed by the adapter, "
+              f"peak RSS {peak_kib / 1024:.0f} MiB ({base_kib / 1024:.0f} MiB before, +{grown / 2**20:.0f} MiB "
+              f"while merging), output {written / 2**20:.0f} MiB")
+    assert changed == 48 * 7
+    assert written > size * 0.25
     assert grown < size / 4
 
 
