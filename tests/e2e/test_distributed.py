@@ -139,6 +139,7 @@ def test_fsdp_shards_the_base_and_matches_one_process(tmp_path: Path, tiny_llama
         file_bytes = sum(f.get_tensor(k).numel() * 4 for k in f.keys())  # all float32
     assert total == file_bytes == sum(shares)
     assert all(0.45 < share / total < 0.55 for share in shares), shares
+    print(f"FSDP: the base's {total} bytes, held {shares} by the two processes")
 
 
 def test_resume_on_two_processes_is_exact(tmp_path: Path, tiny_llama_folder: str, text_file: Path) -> None:
@@ -195,6 +196,8 @@ def test_killed_process_stops_the_other_and_latest_resumes(tmp_path: Path, tiny_
     assert line.startswith("loraforge finetune: error: rank 0: ") and "run the same command to resume" in line
     assert ("another process of this run ended or stopped answering" in line
             or "stopped by the launcher" in line), line
+    with capsys.disabled():
+        print(f"\nrank 1 killed: the run ended {took:.1f} s later (timeout {timeout_s} s); rank 0: {line}")
     from loraforge.train.checkpoint import load_checkpoint
 
     saved = load_checkpoint(str(tmp_path / "chk-LATEST.gguf")).state.iteration
