@@ -356,7 +356,7 @@ class Tokenizer:
             add_bos=bool(add_bos) and bos_id is not None,
             add_eos=add_eos and eos_id is not None,
             strip_space_after_bos=strip_space,
-            chat_template=_hf_chat_template(folder, config),
+            chat_template=hf_chat_template(folder, config),
             source=str(folder),
         )
 
@@ -583,7 +583,8 @@ def _read_json(path: Path) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _hf_chat_template(folder: Path, config: Mapping[str, Any]) -> str | None:
+def hf_chat_template(folder: Path, config: Mapping[str, Any]) -> str | None:
+    """An HF folder's chat template: tokenizer_config.json's (`config`), chat_template.jinja or .json."""
     template = config.get("chat_template")
     if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}

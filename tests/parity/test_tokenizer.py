@@ -378,6 +378,11 @@ def test_hf_folder_with_tokenizer_model_only(spm_files, tmp_path):
         if text and not text[0].isspace():
             assert ours.encode(text) == reference(text)["input_ids"], text
     assert hf_folder_tokenizer(tmp_path).vocab_size == processor.vocab_size()  # no config.json: the model's size
+    (tmp_path / "tokenizer_config.json").write_text('{"add_bos_token": false}', encoding="utf-8")
+    (tmp_path / "chat_template.jinja").write_text("{{ messages[-1].content }}", encoding="utf-8")
+    plain = hf_folder_tokenizer(tmp_path)
+    assert plain.chat_template == "{{ messages[-1].content }}" and not plain.add_bos
+    assert plain.encode("hello") == processor.encode("hello")
 
 
 def test_model_folder_with_tokenizer_model_only_runs(tiny_hf_factory, tmp_path, shakespeare_file):

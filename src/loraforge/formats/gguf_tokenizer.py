@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from loraforge.errors import LoraforgeError, file_error
-from loraforge.tokenizer import Tokenizer, tokenizer_components
+from loraforge.tokenizer import Tokenizer, hf_chat_template, tokenizer_components
 
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
 
@@ -135,7 +135,9 @@ def hf_folder_tokenizer(folder: str | os.PathLike, vocab_size: int | None = None
     if vocab_size is None:  # 0: the SentencePiece model's own size
         vocab_size = int(_read_json(folder / "config.json").get("vocab_size") or 0)
     kv = tokenizer_kv(folder, vocab_size)
-    return Tokenizer.from_gguf_metadata(kv.metadata(), source=str(folder))
+    tokenizer = Tokenizer.from_gguf_metadata(kv.metadata(), source=str(folder))
+    tokenizer.chat_template = hf_chat_template(folder, _read_json(folder / "tokenizer_config.json"))
+    return tokenizer
 
 
 def _read_json(path: Path) -> dict[str, Any]:
