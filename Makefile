@@ -38,10 +38,10 @@ demo: install
 		--eval-split 0.05 --eval-on-start
 	@echo
 	@echo "=== base model (SmolLM2-135M-Instruct), greedy continuation of \"$(DEMO_PROMPT)\" ==="
-	@$(LF) generate -p "$(DEMO_PROMPT)" -n 48 --temp 0 2>/dev/null
+	@$(LF) generate -p "$(DEMO_PROMPT)" -n 48 --temp 0 --repeat-penalty 1.1 2>/dev/null
 	@echo
 	@echo "=== tuned: the same model with out/lora-smollm2-shakespeare-LATEST.bin ==="
-	@$(LF) generate --lora out/lora-smollm2-shakespeare-LATEST.bin -p "$(DEMO_PROMPT)" -n 48 --temp 0 2>/dev/null
+	@$(LF) generate --lora out/lora-smollm2-shakespeare-LATEST.bin -p "$(DEMO_PROMPT)" -n 48 --temp 0 --repeat-penalty 1.1 2>/dev/null
 	@echo
 	@echo "loss plot: out/lora-smollm2-shakespeare-metrics.png"
 
