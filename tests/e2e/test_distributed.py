@@ -3,14 +3,16 @@
 What is shown against the single-process run with the same global batch (the reference):
 - data parallel: per-step losses within 1e-5 (measured: at most ~1e-6) and final adapters within
   5e-5 absolute (measured: at most ~4e-6; float32 sums taken in another order, through AdamW);
-- FSDP2 (--fsdp): the same figures, and each process holds half of the base's bytes (from the
-  sharded parameters' local shards, checked against the bytes of the safetensors file);
-- resume on 2 processes with dropout: 4 steps straight == 2 + resume + 2, bit for bit;
+- FSDP2 (--fsdp): the same figures, and each process holds half of the base's bytes and half of the
+  LoRA weights' (from the sharded parameters' local shards, checked against the bytes of the
+  safetensors file and of the adapter); embedding and output adapters (the root's group) too;
+- resume on 2 processes with dropout: 4 steps straight == 2 + resume + 2, bit for bit; under FSDP
+  too, through every save path (checkpoints, BEST on eval, PEFT), the gathered AdamW moments equal;
 - a process killed with SIGKILL: the other stops with one line, LATEST loads and resumes (on one
   process, which says what changes);
 - instruction data (packed, and length-grouped batches) with gradient accumulation and eval: equal
   to the single process;
-- a check failing before loading: one line from rank 0, nothing from rank 1.
+- a check failing before loading (what FSDP cannot shard): one line from rank 0, nothing from rank 1.
 """
 
 from __future__ import annotations
@@ -129,17 +131,75 @@ def test_fsdp_shards_the_base_and_matches_one_process(tmp_path: Path, tiny_llama
                                                       reference: Path) -> None:
     from safetensors import safe_open
 
+    from loraforge.formats.adapters import load_adapter
+    from loraforge.formats.hf import read_config
+
     done = torchrun(flags(tiny_llama_folder, text_file) + ["--adam-iter", "4", "--fsdp"], tmp_path)
     assert_close_losses(reference, tmp_path)
     assert_close_adapters(reference, tmp_path, tiny_llama_folder)
-    line = next(x for x in done.stdout.splitlines() if x.startswith("finetune: FSDP:"))
-    total = int(line.split("the base's ")[1].split(" bytes")[0])
-    shares = [int(x) for x in line.split("which hold ")[1].split(" bytes")[0].split(", ")]
+    held = {}
+    for what in ("the base's", "the LoRA weights'"):
+        line = next(x for x in done.stdout.splitlines() if x.startswith(f"finetune: FSDP: {what} "))
+        total = int(line.split(f"{what} ")[1].split(" bytes")[0])
+        shares = [int(x) for x in line.split("which hold ")[1].split(" bytes")[0].split(", ")]
+        assert total == sum(shares) and all(0.4 < share / total < 0.6 for share in shares), (what, shares)
+        held[what] = total, shares
     with safe_open(os.path.join(tiny_llama_folder, "model.safetensors"), "pt") as f:
         file_bytes = sum(f.get_tensor(k).numel() * 4 for k in f.keys())  # all float32
-    assert total == file_bytes == sum(shares)
-    assert all(0.45 < share / total < 0.55 for share in shares), shares
-    print(f"FSDP: the base's {total} bytes, held {shares} by the two processes")
+    adapter_bytes = sum(t.numel() * 4 for t in load_adapter(str(tmp_path / "lora-LATEST.gguf"),
+                                                            read_config(tiny_llama_folder)).tensors.values())
+    assert held["the base's"][0] == file_bytes and held["the LoRA weights'"][0] == adapter_bytes
+    base_shares, lora_shares = held["the base's"][1], held["the LoRA weights'"][1]
+    print(f"FSDP: the base's {file_bytes} bytes held {base_shares}, the LoRA weights' {adapter_bytes} bytes held "
+          f"{lora_shares} by the two processes")
+
+
+def test_fsdp_with_embedding_and_output_adapters_matches_one_process(tmp_path: Path, tiny_llama_folder: str,
+                                                                     text_file: Path, monkeypatch) -> None:
+    """LoRA on token_embd and output (held by the root's FSDP group, which keeps its weights gathered after an
+    eval forward), saved after every iteration and eval: the same losses and adapters as one process."""
+    args = flags(tiny_llama_folder, text_file) + ["--rank-tok-embd", "2", "--rank-out", "2", "--eval-split", "0.1",
+                                                  "--eval-every", "1", "--save-every", "1", "--adam-iter", "3"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    single(args, one, monkeypatch)
+    torchrun(args + ["--fsdp"], two)
+    assert_close_losses(one, two)
+    assert_close_losses(one, two, key="eval_loss")
+    assert_close_adapters(one, two, tiny_llama_folder)
+    from loraforge.formats.gguf_lora import read_gguf_adapter
+    from loraforge.formats.hf import read_config
+
+    names = read_gguf_adapter(two / "lora-LATEST.gguf", read_config(tiny_llama_folder)).tensors
+    assert {"model.embed_tokens.lora_A", "lm_head.lora_B"} <= set(names)
+
+
+def test_fsdp_resume_saves_and_best_are_exact(tmp_path: Path, tiny_llama_folder: str, text_file: Path) -> None:
+    """Sharded LoRA weights and optimizer state through every save path (checkpoints every iteration, the
+    BEST adapter on eval, the PEFT folder at the end), with dropout and gradient accumulation: 4 iterations
+    straight equal 2 + resume + 2 (the resume loads whole tensors and shards them again)."""
+    args = flags(tiny_llama_folder, text_file) + ["--fsdp", "--lora-dropout", "0.1", "--grad-acc", "2",
+                                                  "--save-every", "1", "--eval-split", "0.1", "--eval-every", "2",
+                                                  "--load-best-at-end", "--peft-out", "peft"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    straight.mkdir(), split.mkdir()
+    torchrun(args + ["--max-steps", "4"], straight)
+    torchrun(args + ["--max-steps", "2"], split)
+    resumed = torchrun(args + ["--max-steps", "4"], split)
+    assert "resuming from chk-LATEST.gguf at iteration 2" in resumed.stdout
+    assert losses(straight) == losses(split) and len(losses(straight)) == 4
+    assert losses(straight, "eval_loss") == losses(split, "eval_loss")
+    for name in ("lora-LATEST.gguf", "lora-3.gguf"):
+        assert (straight / name).read_bytes() == (split / name).read_bytes(), name
+    from loraforge.train.checkpoint import load_checkpoint
+
+    a, b = (load_checkpoint(str(folder / "chk-LATEST.gguf")) for folder in (straight, split))
+    assert a.state.iteration == b.state.iteration == 4 and a.adam_step == b.adam_step == 4
+    assert set(a.moments) == set(a.tensors) == set(b.moments) and a.moments
+    for key in a.tensors:  # the whole weights and AdamW moments, gathered from the shards
+        assert torch.equal(a.tensors[key], b.tensors[key]), key
+        assert all(torch.equal(x, y) for x, y in zip(a.moments[key], b.moments[key])), key
+    assert (straight / "lora-BEST.gguf").is_file() and (straight / "peft" / "adapter_model.safetensors").is_file()
 
 
 def test_resume_on_two_processes_is_exact(tmp_path: Path, tiny_llama_folder: str, text_file: Path) -> None:
@@ -236,16 +296,21 @@ def test_instruction_data_matches_one_process(tmp_path: Path, tiny_llama_folder:
     assert_close_adapters(one, two, tiny_llama_folder)
 
 
-def test_quantized_base_with_fsdp_is_one_line(tmp_path: Path, tiny_llama_folder: str, text_file: Path) -> None:
+@pytest.mark.parametrize("extra, message", [
+    (["--quantize", "nf4"], "--fsdp shards dense bases (f32/f16/bf16) only; a quantized base (--quantize nf4) trains "
+                            "on several processes without --fsdp (each holds the whole quantized base)"),
+    (["--optim", "adamw_8bit"], "--fsdp shards the optimizer state of --optim adamw_torch only; --optim adamw_8bit "
+                                "(bitsandbytes' 8-bit state) trains without --fsdp"),
+], ids=["quantized-base", "8-bit-optimizer"])
+def test_what_fsdp_cannot_shard_is_one_line(tmp_path: Path, tiny_llama_folder: str, text_file: Path,
+                                            extra: list[str], message: str) -> None:
     """A check that fails stops every process; rank 0 alone says why, in one line, before loading."""
     logs = tmp_path / "logs"
-    done = subprocess.run(torchrun_cmd(flags(tiny_llama_folder, text_file) + ["--fsdp", "--quantize", "nf4"], logs),
+    done = subprocess.run(torchrun_cmd(flags(tiny_llama_folder, text_file) + ["--fsdp", *extra], logs),
                           cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode != 0
     (err0,), (err1,) = logs.glob("*/attempt_0/0/stderr.log"), logs.glob("*/attempt_0/1/stderr.log")
-    assert err0.read_text().splitlines() == [
-        "loraforge finetune: error: --fsdp shards dense bases (f32/f16/bf16) only; a quantized base (--quantize "
-        "nf4) trains on several processes without --fsdp (each holds the whole quantized base)"]
+    assert err0.read_text().splitlines() == ["loraforge finetune: error: " + message]
     assert err1.read_text() == ""
     (out0,) = logs.glob("*/attempt_0/0/stdout.log")
     assert "model base" not in out0.read_text()  # refused before loading

@@ -11,9 +11,12 @@ sharded by FSDP2. torch.distributed does the communication; this module holds th
   the LoRA gradients are summed over processes in one all-reduce per optimizer step, so the
   update is the single-process one.
 - FSDP (`--fsdp`): `fully_shard` on every decoder layer and on the root shards the frozen base
-  weights; the LoRA weights stay whole on every process (they are ignored by FSDP and
-  all-reduced as above). They are a small fraction of the memory, and so the optimizer,
-  checkpoints and adapters stay those of a single process, and resume stays exact.
+  and the LoRA weights, so their gradients and AdamW state are sharded too. FSDP sums the LoRA
+  gradients with one reduce-scatter per backward (the losses are already weighted over the
+  global step, so it sums instead of averaging). A save gathers the whole LoRA weights and
+  optimizer state on every process (`whole_lora`) and rank 0 writes them, so checkpoints and
+  adapters are those of a single process; a resume loads them whole and shards them again, and
+  stays exact.
 - Dropout: every process draws its masks from its own random stream (rank 0 the single-process
   stream, rank r > 0 one seeded from (seed, r)). Checkpoints store every process's stream, so a
   resume on the same number of processes is exact; on another number the data order, batches
@@ -69,6 +72,7 @@ class Ranks:
         self.device = torch.device("cpu")
         self.started = False
         self.agreed_failure = False  # an agreement() failed: every process is stopping
+        self.lora_sharded = False  # shard() ran: LoRA weights, gradients and optimizer state are DTensor shards
 
     @classmethod
     def from_env(cls, fsdp: bool = False) -> "Ranks":
@@ -276,6 +280,8 @@ class Ranks:
             for p in params:
                 p.grad = None
             return 0.0
+        if self.lora_sharded:  # FSDP's reduce-scatter has summed them in backward
+            return self.sum([loss_sum])[0]
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
                           for p in params])
         dist.all_reduce(flat)
@@ -302,27 +308,84 @@ class Ranks:
         return self.sum([1.0 if flag else 0.0])[0] > 0
 
     # -- FSDP ---------------------------------------------------------------------------------------
-    def shard_base(self, model: nn.Module) -> tuple[int, int]:
-        """Shard the frozen base over the processes with FSDP2 (per decoder layer, then the root);
-        the trainable LoRA weights stay whole here. Returns (this process's base bytes, all base bytes)."""
+    def shard(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+              remake: Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+              ) -> tuple[torch.optim.Optimizer, dict[str, tuple[int, int]]]:
+        """Shard the frozen base and the LoRA weights over the processes with FSDP2 (per decoder layer,
+        then the root) and move the optimizer's state onto the shards.
+
+        Call it with whole (resumed, equal on every process) weights and optimizer state; remake(params)
+        builds an empty optimizer of the same kind. Returns (the new optimizer, {"base": (this process's
+        bytes, all bytes), "lora": (...)}).
+        """
         try:
             from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-            from torch.distributed.tensor import DTensor
+            from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+            from torch.distributed.tensor import DTensor, distribute_tensor
         except ImportError:
             raise LoraforgeError(f"--fsdp needs torch >= 2.7 (FSDP2); this is torch {torch.__version__}") from None
         frozen = [p for p in model.parameters() if not p.requires_grad]  # shared (tied) tensors once
-        total = sum(p.numel() * p.element_size() for p in frozen)
-        lora = [p for p in model.parameters() if p.requires_grad]
+        whole = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        saved = {name: optimizer.state.get(p) for name, p in whole.items()}
+        totals = {"base": sum(p.numel() * p.element_size() for p in frozen),
+                  "lora": sum(p.numel() * p.element_size() for p in whole.values())}
         mesh = init_device_mesh(self.device.type, (self.world,))
         for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh, ignored_params=set(lora))
-        fully_shard(model, mesh=mesh, ignored_params=set(lora))
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
         register_fsdp_forward_method(model, "loss")  # the loop calls model.loss, not forward
-        for p in lora:  # FSDP leaves ignored parameters where they are
-            p.data = p.data.to(self.device)
-        local = sum(p.to_local().numel() * p.element_size() for p in model.parameters() if isinstance(p, DTensor))
-        return local, total
+        for m in model.modules():
+            if isinstance(m, FSDPModule):
+                if not hasattr(m, "set_force_sum_reduction_for_comms"):
+                    raise LoraforgeError(f"--fsdp needs torch >= 2.8; this is torch {torch.__version__}")
+                m.set_gradient_divide_factor(1.0)  # each process's loss is weighted over the global step: sum
+                m.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
+        sharded = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        optimizer = remake(list(sharded.values()))
+        for name, p in sharded.items():
+            state = saved.get(name)
+            if state:
+                optimizer.state[p] = {k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
+                                      if torch.is_tensor(v) and v.shape == p.shape else v for k, v in state.items()}
+        self.lora_sharded = True
+
+        def local(params) -> int:
+            return sum(p.to_local().numel() * p.element_size() for p in params if isinstance(p, DTensor))
+
+        return optimizer, {"base": (local(p for p in model.parameters() if not p.requires_grad), totals["base"]),
+                           "lora": (local(sharded.values()), totals["lora"])}
+
+    @contextmanager
+    def whole_lora(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> Iterator[None]:
+        """Inside the block the model's LoRA weights and their optimizer state are whole tensors (gathered
+        from the shards on every process: a collective, so every process enters it); the shards are put
+        back after. Without sharded LoRA weights it does nothing."""
+        if not self.lora_sharded:
+            yield
+            return
+        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.tensor import DTensor
+
+        for m in model.modules():  # the root keeps its weights gathered after a forward without backward
+            if isinstance(m, FSDPModule):
+                m.reshard()
+        swapped = []
+        try:
+            for m in model.modules():  # the same order on every process
+                for key, p in list(m._parameters.items()):
+                    if isinstance(p, DTensor) and p.requires_grad:
+                        whole = nn.Parameter(p.full_tensor().detach())
+                        state = optimizer.state.get(p)
+                        if state is not None:
+                            optimizer.state[whole] = {k: v.full_tensor() if isinstance(v, DTensor) else v
+                                                      for k, v in state.items()}
+                        m._parameters[key] = whole
+                        swapped.append((m, key, p, whole))
+            yield
+        finally:
+            for m, key, p, whole in swapped:
+                m._parameters[key] = p
+                optimizer.state.pop(whole, None)
 
 
 _left = False

@@ -178,6 +178,9 @@ class Finetune:
             what = f"--quantize {s.model.quantize}" if s.model.quantize else "--base-dtype quantized"
             raise LoraforgeError(f"--fsdp shards dense bases (f32/f16/bf16) only; a quantized base ({what}) trains "
                                  "on several processes without --fsdp (each holds the whole quantized base)")
+        if ranks.fsdp and s.optimizer.optim != "adamw_torch":
+            raise LoraforgeError(f"--fsdp shards the optimizer state of --optim adamw_torch only; --optim "
+                                 f"{s.optimizer.optim} (bitsandbytes' 8-bit state) trains without --fsdp")
         resolve_model_path(s.model.model_base)
         check_input_files(s.data)
         check_optimizer(s.optimizer.optim, self.device)
@@ -242,14 +245,13 @@ class Finetune:
                 raise LoraforgeError("no module gets a LoRA adapter: every rank is 0")
         ranks.seed_own_stream(seed)
         model.gradient_checkpointing = s.model.checkpointing
-        if ranks.fsdp:
-            local, total_bytes = ranks.shard_base(model)
-            shares = ", ".join(str(b) for b in ranks.gather(local))
-            out(f"finetune: FSDP: the base's {total_bytes} bytes are sharded over {ranks.world} processes, "
-                f"which hold {shares} bytes")
         params = [p for p in model.parameters() if p.requires_grad]
         opt = s.optimizer
-        optimizer = make_optimizer(params, opt.lr, opt.weight_decay, opt.adam_beta1, opt.adam_beta2, name=opt.optim)
+
+        def new_optimizer(params: list) -> torch.optim.Optimizer:
+            return make_optimizer(params, opt.lr, opt.weight_decay, opt.adam_beta1, opt.adam_beta2, name=opt.optim)
+
+        optimizer = new_optimizer(params)
         state = TrainState(seed=seed, n_items=source.n_items, data_fingerprint=data.fingerprint,
                            base_fingerprint=loaded.fingerprint)
         saver = Saver(s, model, optimizer, lora_cfg, loaded)
@@ -257,6 +259,14 @@ class Finetune:
             with ranks.agreement():
                 state = self._resume(ckpt, model, optimizer, lora_cfg, loaded, source, data.fingerprint, saver)
         ranks.copy_from_first(params)
+        if ranks.fsdp:  # with whole, equal weights and optimizer state on every process
+            optimizer, held = ranks.shard(model, optimizer, new_optimizer)
+            saver.optimizer = optimizer
+            params = [p for p in model.parameters() if p.requires_grad]
+            for what, label in (("base", "the base's"), ("lora", "the LoRA weights'")):
+                shares = ", ".join(str(b) for b in ranks.gather(held[what][0]))
+                out(f"finetune: FSDP: {label} {held[what][1]} bytes are sharded over {ranks.world} processes, "
+                    f"which hold {shares} bytes")
 
         total = total_steps(s, source, state)
         n_iter = max(0, total - state.iteration)
@@ -294,7 +304,7 @@ class Finetune:
         elapsed = time.perf_counter() - started
         if evaluate is not None and reason == "done" and (not s.loop.eval_every or state.iteration % s.loop.eval_every):
             evaluate(state)
-        with ranks.agreement():
+        with ranks.whole_lora(model, saver.optimizer), ranks.agreement():
             if ranks.is_main:
                 saver.finish(state)
         tokens = state.tokens_seen - tokens_before
@@ -388,7 +398,7 @@ class Finetune:
         if ranks.world > 1:
             state.extra["world_size"] = ranks.world
             state.extra["rank_rng"] = ranks.gather(rng_states())
-        with ranks.agreement():
+        with ranks.whole_lora(saver.model, saver.optimizer), ranks.agreement():
             if ranks.is_main:
                 saver.save(state)
 
@@ -421,7 +431,7 @@ class Finetune:
             history["losses"].append((state.iteration, loss))
             if loss < history["best"]:
                 history["best"], history["since"] = loss, 0
-                with ranks.agreement():
+                with ranks.whole_lora(model, saver.optimizer), ranks.agreement():
                     if ranks.is_main:
                         saver.new_best(state, loss)
             else:

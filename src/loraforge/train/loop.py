@@ -168,9 +168,14 @@ def train(model: nn.Module, source: BatchSource, optimizer: torch.optim.Optimize
 
 
 def _clip(params: list[nn.Parameter], max_norm: float) -> float:
+    """Clip to `max_norm` (<= 0: no clipping); returns the gradients' total norm. Gradients sharded by
+    FSDP (DTensors) give the norm over all processes."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0
+    if hasattr(grads[0], "full_tensor"):  # DTensor shards: torch's clip computes the global norm
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
     if max_norm > 0:
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))

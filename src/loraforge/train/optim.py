@@ -117,9 +117,10 @@ def make_optimizer(params: list[nn.Parameter], lr: float, weight_decay: float, b
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     on_cuda = all(p.is_cuda for p in params) and len(params) > 0
+    sharded = any(hasattr(p, "full_tensor") for p in params)  # FSDP's DTensors: the foreach kernels
     if name == "adamw_torch":
-        return torch.optim.AdamW(groups, lr=lr, betas=(beta1, beta2), eps=eps, foreach=not on_cuda,
-                                 fused=on_cuda or None)
+        fused = on_cuda and not sharded
+        return torch.optim.AdamW(groups, lr=lr, betas=(beta1, beta2), eps=eps, foreach=not fused, fused=fused or None)
     bnb_optim = _bitsandbytes_optim(name)
     cls = bnb_optim.PagedAdamW8bit if name == "paged_adamw_8bit" and on_cuda else bnb_optim.AdamW8bit
     return cls(groups, lr=lr, betas=(beta1, beta2), eps=eps)

@@ -75,8 +75,8 @@ class ModelSpec:
     no_flash: bool = opt(False, "--no-flash", hidden=("--flash",),
                          help="accepted for llama.cpp compatibility (SDPA picks the attention kernel)")
     fsdp: bool = opt(False, "--fsdp",
-                     help="under torchrun: shard the frozen base over the processes with FSDP2 (a dense base: "
-                          "f32/f16/bf16); the LoRA weights stay whole on each process")
+                     help="under torchrun: shard the frozen base and the LoRA weights, gradients and AdamW "
+                          "state over the processes with FSDP2 (a dense base: f32/f16/bf16; --optim adamw_torch)")
     dist_timeout: int = opt(1800, "--dist-timeout",  # torch's default for gloo, transformers' ddp_timeout
                             help="under torchrun: seconds a process waits for the others before the run stops "
                                  "with an error (a process that died is usually noticed at once)")
