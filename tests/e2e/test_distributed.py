@@ -154,6 +154,18 @@ def test_fsdp_shards_the_base_and_matches_one_process(tmp_path: Path, tiny_llama
           f"{lora_shares} by the two processes")
 
 
+def straight_and_resumed(args: list[str], tmp_path: Path) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    """4 iterations in one go (folder `straight`), and 2 then a resumed 2 (folder `split`, and the resumed
+    run's output)."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    straight.mkdir(), split.mkdir()
+    torchrun(args + ["--max-steps", "4"], straight)
+    torchrun(args + ["--max-steps", "2"], split)
+    resumed = torchrun(args + ["--max-steps", "4"], split)
+    assert "resuming from chk-LATEST.gguf at iteration 2" in resumed.stdout
+    return straight, split, resumed
+
+
 def test_fsdp_with_embedding_and_output_adapters_matches_one_process(tmp_path: Path, tiny_llama_folder: str,
                                                                      text_file: Path, monkeypatch) -> None:
     """LoRA on token_embd and output (held by the root's FSDP group, which keeps its weights gathered after an
@@ -181,12 +193,7 @@ def test_fsdp_resume_saves_and_best_are_exact(tmp_path: Path, tiny_llama_folder:
     args = flags(tiny_llama_folder, text_file) + ["--fsdp", "--lora-dropout", "0.1", "--grad-acc", "2",
                                                   "--save-every", "1", "--eval-split", "0.1", "--eval-every", "2",
                                                   "--load-best-at-end", "--peft-out", "peft"]
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    straight.mkdir(), split.mkdir()
-    torchrun(args + ["--max-steps", "4"], straight)
-    torchrun(args + ["--max-steps", "2"], split)
-    resumed = torchrun(args + ["--max-steps", "4"], split)
-    assert "resuming from chk-LATEST.gguf at iteration 2" in resumed.stdout
+    straight, split, resumed = straight_and_resumed(args, tmp_path)
     assert losses(straight) == losses(split) and len(losses(straight)) == 4
     assert losses(straight, "eval_loss") == losses(split, "eval_loss")
     for name in ("lora-LATEST.gguf", "lora-3.gguf"):
@@ -205,12 +212,7 @@ def test_fsdp_resume_saves_and_best_are_exact(tmp_path: Path, tiny_llama_folder:
 def test_resume_on_two_processes_is_exact(tmp_path: Path, tiny_llama_folder: str, text_file: Path) -> None:
     """With dropout, so every process's random stream must come back from the checkpoint."""
     args = flags(tiny_llama_folder, text_file) + ["--lora-dropout", "0.1"]
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    straight.mkdir(), split.mkdir()
-    torchrun(args + ["--max-steps", "4"], straight)
-    torchrun(args + ["--max-steps", "2"], split)
-    resumed = torchrun(args + ["--max-steps", "4"], split)
-    assert "resuming from chk-LATEST.gguf at iteration 2" in resumed.stdout
+    straight, split, resumed = straight_and_resumed(args, tmp_path)
     assert "the checkpoint was written by" not in resumed.stdout  # same number of processes
     assert losses(straight) == losses(split) and len(losses(straight)) == 4
     assert (straight / "lora-LATEST.gguf").read_bytes() == (split / "lora-LATEST.gguf").read_bytes()
