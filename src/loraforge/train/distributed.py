@@ -238,7 +238,12 @@ class Ranks:
 
         with torch.no_grad():
             for p in params:
-                dist.broadcast(p.data, src=0)
+                if p.device == self.device:
+                    dist.broadcast(p.data, src=0)
+                else:  # --fsdp: still on the CPU before sharding; NCCL sends device tensors only
+                    moved = p.data.to(self.device)
+                    dist.broadcast(moved, src=0)
+                    p.data.copy_(moved)
 
     def gather(self, obj: Any) -> list[Any]:
         """Every process's `obj`, by rank."""
