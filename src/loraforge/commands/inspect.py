@@ -265,15 +265,18 @@ def describe_hf_folder(path: str) -> dict[str, Any]:
         "tokenizer": None,
         "chat_template": None,
     }
-    if os.path.isfile(os.path.join(path, "tokenizer.json")):
-        from loraforge.tokenizer import Tokenizer
+    tokenizer_json = os.path.join(path, "tokenizer.json")
+    if os.path.isfile(tokenizer_json) or os.path.isfile(os.path.join(path, "tokenizer.model")):
+        from loraforge.formats.gguf_tokenizer import hf_folder_tokenizer
 
-        tok = Tokenizer.from_hf_folder(path)
-        with open(os.path.join(path, "tokenizer.json"), encoding="utf-8") as f:
-            spec = json.load(f)
+        tok = hf_folder_tokenizer(path, cfg.vocab_size)
+        spec: dict[str, Any] = {}
+        if os.path.isfile(tokenizer_json):
+            with open(tokenizer_json, encoding="utf-8") as f:
+                spec = json.load(f)
         model = spec.get("model") or {}
         info["tokenizer"] = {
-            "model": model.get("type"),
+            "model": model.get("type") or "SentencePiece (tokenizer.model)",
             "pre": (spec.get("pre_tokenizer") or {}).get("type"),
             "vocab_size": tok.vocab_size,
             "merges": len(model.get("merges") or []),
@@ -281,14 +284,6 @@ def describe_hf_folder(path: str) -> dict[str, Any]:
             "eos": _hf_special(tok, tok.eos_id),
             "add_bos": tok.add_bos,
         }
-        info["chat_template"] = tok.chat_template
-    elif os.path.isfile(os.path.join(path, "tokenizer.model")):
-        from loraforge.formats.gguf_tokenizer import hf_folder_tokenizer
-
-        tok = hf_folder_tokenizer(path, cfg.vocab_size)
-        info["tokenizer"] = {"model": "SentencePiece (tokenizer.model)", "pre": None, "vocab_size": tok.vocab_size,
-                             "merges": 0, "bos": _hf_special(tok, tok.bos_id), "eos": _hf_special(tok, tok.eos_id),
-                             "add_bos": tok.add_bos}
         info["chat_template"] = tok.chat_template
     return info
 
