@@ -615,18 +615,22 @@ def tokenizer_components(node: Any, type_name: str) -> list[dict[str, Any]]:
 def _hf_piece_kind(spec: Mapping[str, Any]) -> tuple[str, bool]:
     """(how tokens map to bytes, whether a "▁" is put before the text) for a tokenizer.json."""
     model_type = (spec.get("model") or {}).get("type")
-    decoder, pre, normalizer = spec.get("decoder"), spec.get("pre_tokenizer"), spec.get("normalizer")
+    decoder, pre = spec.get("decoder"), spec.get("pre_tokenizer")
     if model_type == "BPE" and (tokenizer_components(decoder, "ByteLevel")
                                 or tokenizer_components(pre, "ByteLevel")):
         return "byte_level", False
     if model_type in ("BPE", "Unigram") and (tokenizer_components(decoder, "ByteFallback")
                                              or tokenizer_components(decoder, "Metaspace")):
-        prefix = bool(tokenizer_components(normalizer, "Prepend")) or any(
-            m.get("prepend_scheme", "always") != "never" and m.get("add_prefix_space", True)
-            for m in tokenizer_components(pre, "Metaspace")
-        )
-        return "sentencepiece", prefix
+        return "sentencepiece", adds_space_prefix(spec)
     return "other", False
+
+
+def adds_space_prefix(spec: Mapping[str, Any]) -> bool:
+    """A SentencePiece-style tokenizer.json puts a "▁" before the text (a Prepend normalizer, or a
+    Metaspace pre-tokenizer that prepends)."""
+    return bool(tokenizer_components(spec.get("normalizer"), "Prepend")) or any(
+        m.get("prepend_scheme", "always") != "never" and m.get("add_prefix_space", True)
+        for m in tokenizer_components(spec.get("pre_tokenizer"), "Metaspace"))
 
 
 def _post_processor_adds_bos(processor: Any, backend: BackendTokenizer, bos_id: int | None) -> bool:

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from loraforge.errors import LoraforgeError, file_error
-from loraforge.tokenizer import Tokenizer, hf_chat_template, tokenizer_components
+from loraforge.tokenizer import Tokenizer, adds_space_prefix, hf_chat_template
 
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
 
@@ -318,10 +318,7 @@ def _sentencepiece_json(path: Path, spec: dict[str, Any], vocab_size: int) -> To
             text = text.replace("\u2581", " ")
         tokens[i], scores[i] = text, (scores[i] if i in pieces else -1000.0)
     tokens, types, scores = tokens[:size], types[:size], scores[:size]
-    prefix = bool(tokenizer_components(spec.get("normalizer"), "Prepend")) or any(
-        m.get("prepend_scheme", "always") != "never" and m.get("add_prefix_space", True)
-        for m in tokenizer_components(spec.get("pre_tokenizer"), "Metaspace"))
-    return TokenizerKV("llama", "default", tokens, types, scores, add_space_prefix=prefix)
+    return TokenizerKV("llama", "default", tokens, types, scores, add_space_prefix=adds_space_prefix(spec))
 
 
 # --- byte-level BPE -------------------------------------------------------------------------------
