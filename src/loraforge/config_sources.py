@@ -88,13 +88,10 @@ def _hf_rope(d: Mapping[str, Any], source: str, head_dim: int
     return theta, merged, local_theta, rotary_dim
 
 
-def _pattern_types(n_layers: int, pattern: int) -> list[str]:
+def pattern_layer_types(n_layers: int, pattern: int) -> list[str]:
     """Every `pattern`-th layer full, the others sliding (llama.cpp's set_swa_pattern)."""
     return ["sliding_attention" if pattern == 0 or i % pattern < pattern - 1 else "full_attention"
             for i in range(n_layers)]
-
-
-pattern_layer_types = _pattern_types
 
 
 def gemma_query_scalar(arch: str, n_layers: int, hidden: int, heads: int, head_dim: int) -> int:
@@ -116,9 +113,9 @@ def _hf_sliding_window(d: Mapping[str, Any], arch: str, n_layers: int) -> tuple[
             first = int(d.get("max_window_layers", n_layers))
             types = ["sliding_attention" if i >= first else "full_attention" for i in range(n_layers)]
     elif arch == "gemma2" and types is None:
-        types = _pattern_types(n_layers, 2)
+        types = pattern_layer_types(n_layers, SWA_PERIODS[arch])
     elif arch == "gemma3" and types is None:
-        types = _pattern_types(n_layers, int(d.get("sliding_window_pattern", 6)))
+        types = pattern_layer_types(n_layers, int(d.get("sliding_window_pattern", SWA_PERIODS[arch])))
     return int(window), list(types) if types is not None else None
 
 
@@ -210,7 +207,7 @@ def _gguf_layer_types(meta: Mapping[str, Any], arch: str, n_layers: int, default
     pattern = meta.get(f"{arch}.attention.sliding_window_pattern", default_pattern)
     if isinstance(pattern, list):
         return ["sliding_attention" if p else "full_attention" for p in pattern[:n_layers]]
-    return _pattern_types(n_layers, int(pattern))
+    return pattern_layer_types(n_layers, int(pattern))
 
 
 def _config_from_gguf(meta: Mapping[str, Any], source: str, n_vocab: int | None = None, has_output: bool = True,

@@ -32,6 +32,12 @@ def is_known_module(module: str) -> bool:
     return m is not None and m.group(2) in _LAYER_MODULES
 
 
+def _check_known(module: str, source: str) -> None:
+    if not is_known_module(module):
+        raise file_error(source, f"unknown target module {module!r} (a llama-family adapter targets "
+                                 "q/k/v/o_proj, gate/up/down_proj, embed_tokens or lm_head)")
+
+
 def module_weight_shape(module: str, cfg: ModelConfig) -> tuple[int, int]:
     """(out, in) of a module's weight in HF layout; embeddings give (vocab, hidden)."""
     h, f, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size
@@ -61,9 +67,7 @@ def check_adapter(adapter: Adapter, cfg: ModelConfig | None, source: str) -> Non
     if not names:
         raise file_error(source, "holds no LoRA tensors")
     for module in sorted(names):
-        if not is_known_module(module):
-            raise file_error(source, f"unknown target module {module!r} (a llama-family adapter targets "
-                                     "q/k/v/o_proj, gate/up/down_proj, embed_tokens or lm_head)")
+        _check_known(module, source)
         a = adapter.tensors.get(module + ".lora_A")
         b = adapter.tensors.get(module + ".lora_B")
         if a is None or b is None:
@@ -82,9 +86,7 @@ def check_pair_shapes(module: str, a_shape: tuple[int, ...], b_shape: tuple[int,
                       source: str) -> None:
     """One line naming `source` when lora_A (r, in) / lora_B (out, r) (HF layout) of a known `module`
     do not fit the base model `cfg`. Readers call it before any q/k row permutation."""
-    if not is_known_module(module):
-        raise file_error(source, f"unknown target module {module!r} (a llama-family adapter targets "
-                                 "q/k/v/o_proj, gate/up/down_proj, embed_tokens or lm_head)")
+    _check_known(module, source)
     m = _LAYER_RE.match(module)
     if m is not None and int(m.group(1)) >= cfg.num_hidden_layers:
         raise file_error(source, f"module {module} is beyond the base model's {cfg.num_hidden_layers} "

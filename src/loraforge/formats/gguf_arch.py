@@ -45,7 +45,7 @@ before anything is written (`check_expressible`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -312,10 +312,8 @@ def tensor_layout(hf_name: str, cfg: ModelConfig) -> list[TensorLayout]:
         bounds = np.cumsum([0, cfg.q_size, cfg.kv_size, cfg.kv_size]).tolist()
         return [layout
                 for i, part in enumerate(("q_proj", "k_proj", "v_proj"))
-                for layout in _with_rows(tensor_layout(prefix + part + ".weight", cfg), (bounds[i], bounds[i + 1]))]
+                for layout in (replace(x, rows=(bounds[i], bounds[i + 1]))
+                               for x in tensor_layout(prefix + part + ".weight", cfg))]
     heads = qk_heads(hf_name, cfg.num_attention_heads, cfg.num_key_value_heads) if facts.permuted_qk else None
     return [TensorLayout(hf_to_gguf_name(hf_name, gguf_arch), None, heads, is_norm_plus_one(hf_name, gguf_arch))]
 
-
-def _with_rows(layouts: list[TensorLayout], rows: tuple[int, int]) -> list[TensorLayout]:
-    return [TensorLayout(x.gguf_name, rows, x.qk_heads, x.add_one) for x in layouts]
