@@ -15,6 +15,9 @@ from __future__ import annotations
 import ctypes
 import io
 import logging
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -356,8 +359,6 @@ def test_hf_folder_with_tokenizer_model_only(spm_files, tmp_path):
     """A folder that ships only a SentencePiece tokenizer.model (Baichuan 2, older Llama and Mistral
     repositories): tokenized as sentencepiece itself and transformers' LlamaTokenizer tokenize it,
     padded to the model's vocabulary, special ids from tokenizer_config.json."""
-    import shutil
-
     from transformers import AutoTokenizer
 
     from loraforge.formats.gguf_tokenizer import hf_folder_tokenizer
@@ -387,10 +388,6 @@ def test_hf_folder_with_tokenizer_model_only(spm_files, tmp_path):
 
 def test_model_folder_with_tokenizer_model_only_runs(tiny_hf_factory, tmp_path, shakespeare_file):
     """The CLI on such a folder: finetune, generate and inspect read the SentencePiece vocabulary."""
-    import shutil
-    import subprocess
-    import sys
-
     from convert_tokenizers import write_llama_spm_tokenizer
 
     _, source = tiny_hf_factory("llama", vocab_size=640)
